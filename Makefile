@@ -1,0 +1,42 @@
+# The two commands of the README, plus helpers. Both bootstrap .venv from the pins
+# (pyproject.toml + constraints.txt) only when it is missing or the pins changed.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.transferbench-installed
+PYTEST_ARGS ?=
+
+.PHONY: repro test test-slow test-all venv lock clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade "pip==26.3"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+## make repro: fetch the raw data (mirror or upstream) and run the study with `dvc repro`.
+repro: $(STAMP)
+	$(BIN)/transferbench fetch
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+
+## make test: the fast test suite (slow integration tests: make test-slow).
+test: $(STAMP)
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## make lock: re-resolve the pinned direct dependencies and rewrite constraints.txt.
+lock: $(STAMP)
+	{ sed -n '1,2p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
+
+clean-venv:
+	rm -rf $(VENV)

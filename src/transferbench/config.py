@@ -1,0 +1,317 @@
+"""params.yaml -> typed, frozen settings: the one source of truth for the study.
+
+Every section of ``params.yaml`` maps onto one frozen dataclass below. Loading
+rejects unknown keys (with a "did you mean" hint), wrong types and
+out-of-range values, always naming the dotted key at fault and what is allowed,
+so a typo fails at load rather than silently falling back to a default.
+
+Field constraints live in the field metadata (``bounded``/``choice`` below), so
+the allowed values are declared once, next to the field, and reported in the
+error. Cross-field rules (e.g. a range whose low is above its high) live in
+``__post_init__`` and raise ``ConfigError`` with the key names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from transferbench.errors import TransferbenchError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(TransferbenchError, ValueError):
+    """A params.yaml problem; the message names the dotted key at fault."""
+
+
+def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None, **kwargs: Any) -> Any:
+    """A dataclass field whose numeric value must lie in a range (checked at load)."""
+    limits = {name: value for name, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if value is not None}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: default, metadata={"limits": limits}, **kwargs)
+    return field(default=default, metadata={"limits": limits}, **kwargs)
+
+
+_LIMIT_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_LIMIT_CHECK = {
+    "ge": lambda v, b: v >= b,
+    "gt": lambda v, b: v > b,
+    "le": lambda v, b: v <= b,
+    "lt": lambda v, b: v < b,
+}
+
+
+def _fail(where: str, message: str) -> typing.NoReturn:
+    raise ConfigError(f"params key '{where}': {message}")
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type ``tp``, or fail naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(option, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        _fail(where, f"expected {' or '.join(_describe(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            _fail(where, f"{value!r} is not allowed; allowed values: {', '.join(repr(a) for a in args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            _fail(where, f"expected a list, got {type(value).__name__} {value!r}")
+        item_type = args[0] if args else Any
+        return tuple(_convert(item_type, item, f"{where}[{i}]") for i, item in enumerate(value))
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            _fail(where, f"expected a mapping, got {type(value).__name__} {value!r}")
+        key_type, item_type = args if args else (str, Any)
+        return types.MappingProxyType(
+            {_convert(key_type, k, where): _convert(item_type, v, f"{where}.{k}") for k, v in value.items()})
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(where, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(where, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(where, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(where, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported settings type {tp!r} at {where}")
+
+
+def _check_limits(value: Any, limits: Mapping[str, float], where: str) -> None:
+    if not limits or value is None:
+        return
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        for name, bound in limits.items():
+            if not _LIMIT_CHECK[name](v, bound):
+                allowed = " and ".join(f"{_LIMIT_TEXT[n]} {b}" for n, b in limits.items())
+                _fail(where, f"{v!r} is out of range; allowed: {allowed}")
+
+
+def build(cls: type, raw: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and bad values."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        _fail(where or cls.__name__, f"expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    prefix = f"{where}." if where else ""
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            _fail(f"{prefix}{key}", f"unknown key{hint}; allowed keys: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, spec in known.items():
+        key = f"{prefix}{name}"
+        if name not in raw:
+            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+                _fail(key, "missing required key")
+            continue
+        value = _convert(hints[name], raw[name], key)
+        _check_limits(value, spec.metadata.get("limits", {}), key)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        if where and not str(exc).startswith(f"params key '{where}"):
+            raise ConfigError(str(exc).replace("params key '", f"params key '{prefix}", 1)) from None
+        raise
+
+
+# --------------------------------------------------------------------------- study
+@dataclass(frozen=True)
+class StudySettings:
+    """Which tasks x backbones x seeds the study runs (PROTOCOL.md: 3 seeds, mean reported)."""
+
+    name: str
+    tasks: tuple[str, ...]
+    backbones: tuple[str, ...]
+    seeds: tuple[int, ...] = bounded((0, 1, 2), ge=0)
+
+    def __post_init__(self) -> None:
+        for key in ("tasks", "backbones", "seeds"):
+            items = getattr(self, key)
+            if not items:
+                raise ConfigError(f"params key 'study.{key}': must list at least one entry")
+            if len(set(items)) != len(items):
+                raise ConfigError(f"params key 'study.{key}': entries must be unique, got {list(items)}")
+
+
+# --------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class DataSettings:
+    """Where raw data, image caches and split manifests live (all under git-ignored paths)."""
+
+    raw_dir: str = "data/raw"
+    splits_dir: str = "data/splits"
+    cache_dir: str = "data/cache"
+    reports_dir: str = "reports"
+    # Smallest side (px) an image must have to pass validation.
+    min_image_side: int = bounded(32, ge=1)
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """One downstream task: which dataset it reads and how that dataset is split."""
+
+    dataset: str
+    # Metric used for model selection and ranking; higher is better unless listed in
+    # transferbench.evaluation as lower-is-better (e.g. mae).
+    metric: str = "accuracy"
+    split: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class BackboneSettings:
+    """One entry of the backbone catalogue (PROTOCOL.md, "Backbones")."""
+
+    model: str
+    family: Literal["convnet", "transformer"]
+    # hub (timm pretrained weights), file:<path> (local checkpoint) or none (random init).
+    weights: str = "hub"
+    preset: Literal["paper", "small", "tiny"] = "small"
+    # Input side in px; null means the protocol's finetune.img_size.
+    img_size: int | None = bounded(None, ge=16)
+    imagenet_top1: float | None = bounded(None, ge=0, le=100)
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("hub", "none") and not (self.weights.startswith("file:") and len(self.weights) > 5):
+            raise ConfigError(
+                f"params key 'weights': {self.weights!r} is not allowed; allowed values: 'hub', 'none', 'file:<path>'")
+
+
+# --------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """The paper's fine-tuning protocol (PROTOCOL.md); defaults are the paper's values."""
+
+    mode: Literal["full", "linear_probe"] = "full"
+    head_dropout: float = bounded(0.2, ge=0, lt=1)
+    adam_betas: tuple[float, ...] = bounded((0.9, 0.999), ge=0, lt=1)
+    weight_decay: float = bounded(1e-6, ge=0)
+    warmup_iters: int = bounded(200, ge=0)
+    warmup_lr: float = bounded(1e-6, gt=0)
+    lr: float = bounded(1e-4, gt=0)
+    plateau_patience: int = bounded(3, ge=0)
+    plateau_factor: float = bounded(0.5, gt=0, lt=1)
+    early_stop_patience: int = bounded(10, ge=1)
+    max_epochs: int = bounded(100, ge=1)
+    label_smoothing: float = bounded(0.1, ge=0, lt=1)
+    rotation_degrees: float = bounded(30.0, ge=0, le=180)
+    hflip: bool = True
+    img_size: int = bounded(224, ge=16)
+    batch_size: int = bounded(32, ge=1)
+
+    def __post_init__(self) -> None:
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"params key 'adam_betas': expected two values [beta1, beta2], got {list(self.adam_betas)}")
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """Ray cluster and Ray Train scaling; only these change between a laptop and a cluster."""
+
+    # null: start a local cluster (or honour RAY_ADDRESS); otherwise e.g. "ray://host:10001" or "auto".
+    address: str | None = None
+    num_workers: int = bounded(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = bounded(1.0, gt=0)
+    max_failures: int = bounded(2, ge=-1)
+    # Where Ray Train keeps checkpoints; must be readable by every node on a cluster.
+    storage_path: str = "data/ray_results"
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """MLflow: the embedded SQLite store unless MLFLOW_TRACKING_URI says otherwise."""
+
+    tracking_uri: str = "sqlite:///mlruns.db"
+    artifact_location: str = "mlartifacts"
+    experiment: str = "transferbench"
+
+
+# --------------------------------------------------------------------------- root
+@dataclass(frozen=True)
+class Settings:
+    """The whole params.yaml."""
+
+    study: StudySettings
+    data: DataSettings = field(default_factory=DataSettings)
+    tasks: Mapping[str, TaskSettings] = field(default_factory=dict)
+    backbones: Mapping[str, BackboneSettings] = field(default_factory=dict)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    ray: RaySettings = field(default_factory=RaySettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+
+    def __post_init__(self) -> None:
+        for key, catalogue in (("tasks", self.tasks), ("backbones", self.backbones)):
+            for name in getattr(self.study, key):
+                if name not in catalogue:
+                    raise ConfigError(
+                        f"params key 'study.{key}': {name!r} is not defined under '{key}'; "
+                        f"allowed values: {', '.join(sorted(catalogue))}")
+
+    def task(self, name: str) -> TaskSettings:
+        if name not in self.tasks:
+            raise ConfigError(f"unknown task {name!r}; defined tasks: {', '.join(sorted(self.tasks))}")
+        return self.tasks[name]
+
+    def backbone(self, name: str) -> BackboneSettings:
+        if name not in self.backbones:
+            raise ConfigError(f"unknown backbone {name!r}; defined backbones: {', '.join(sorted(self.backbones))}")
+        return self.backbones[name]
+
+
+def load_settings(path: str | Path = DEFAULT_PARAMS) -> Settings:
+    """Load and validate ``params.yaml``; raise ``ConfigError`` naming the key at fault."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"params file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"params file {path} is not valid YAML: {exc}") from None
+    return build(Settings, raw)
