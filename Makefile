@@ -27,8 +27,9 @@ repro: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
+# pytest exits 5 when no test is selected; that is not a failure of the slow suite.
 test-slow: $(STAMP)
-	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+	$(BIN)/pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-all: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -1,0 +1,105 @@
+"""params.yaml loading: the shipped file validates; typos, wrong types and ranges fail by key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from transferbench.config import ConfigError, Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "params.yaml"
+
+
+def _write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture()
+def raw() -> dict:
+    return yaml.safe_load(SHIPPED.read_text())
+
+
+def test_shipped_params_load_into_frozen_settings() -> None:
+    settings = load_settings(SHIPPED)
+    assert isinstance(settings, Settings)
+    assert settings.study.tasks and settings.study.backbones
+    with pytest.raises(AttributeError):
+        settings.finetune.lr = 1.0  # type: ignore[misc]
+    # Every study entry resolves to a catalogue entry.
+    for name in settings.study.backbones:
+        assert settings.backbone(name).family in ("convnet", "transformer")
+
+
+def test_paper_defaults_are_the_dataclass_defaults() -> None:
+    from transferbench.config import FinetuneSettings
+
+    paper = FinetuneSettings()
+    assert (paper.lr, paper.warmup_lr, paper.warmup_iters) == (1e-4, 1e-6, 200)
+    assert (paper.head_dropout, paper.weight_decay, paper.label_smoothing) == (0.2, 1e-6, 0.1)
+    assert (paper.plateau_patience, paper.plateau_factor, paper.early_stop_patience) == (3, 0.5, 10)
+    assert (paper.img_size, paper.batch_size, paper.rotation_degrees) == (224, 32, 30.0)
+    assert paper.adam_betas == (0.9, 0.999)
+
+
+def test_misspelt_key_is_named_with_a_suggestion(tmp_path: Path, raw: dict) -> None:
+    raw["finetune"]["warmup_iter"] = raw["finetune"].pop("warmup_iters")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(_write(tmp_path, raw))
+    message = str(exc.value)
+    assert "finetune.warmup_iter'" in message and "unknown key" in message
+    assert "did you mean 'warmup_iters'" in message and "allowed keys:" in message
+
+
+def test_unknown_top_level_section_is_rejected(tmp_path: Path, raw: dict) -> None:
+    raw["studdy"] = raw["study"]
+    with pytest.raises(ConfigError, match=r"'studdy'.*did you mean 'study'"):
+        load_settings(_write(tmp_path, raw))
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path: Path, raw: dict) -> None:
+    raw["finetune"]["batch_size"] = "thirty-two"
+    with pytest.raises(ConfigError, match=r"finetune\.batch_size.*expected an integer"):
+        load_settings(_write(tmp_path, raw))
+
+
+def test_out_of_range_value_names_key_and_allowed_range(tmp_path: Path, raw: dict) -> None:
+    raw["finetune"]["head_dropout"] = 1.5
+    with pytest.raises(ConfigError, match=r"finetune\.head_dropout.*out of range.*>= 0 and < 1"):
+        load_settings(_write(tmp_path, raw))
+
+
+def test_literal_lists_allowed_values(tmp_path: Path, raw: dict) -> None:
+    raw["finetune"]["mode"] = "partial"
+    with pytest.raises(ConfigError, match=r"finetune\.mode.*'full', 'linear_probe'"):
+        load_settings(_write(tmp_path, raw))
+
+
+def test_backbone_family_and_weights_are_checked(tmp_path: Path, raw: dict) -> None:
+    name = raw["study"]["backbones"][0]
+    raw["backbones"][name]["family"] = "mlp"
+    with pytest.raises(ConfigError, match=rf"backbones\.{name}\.family.*'convnet', 'transformer'"):
+        load_settings(_write(tmp_path, raw))
+    raw["backbones"][name]["family"] = "convnet"
+    raw["backbones"][name]["weights"] = "imagenet"
+    with pytest.raises(ConfigError, match=rf"backbones\.{name}\.weights.*'hub', 'none', 'file:<path>'"):
+        load_settings(_write(tmp_path, raw))
+
+
+def test_study_must_name_defined_backbones(tmp_path: Path, raw: dict) -> None:
+    raw["study"]["backbones"] = ["no_such_net"]
+    with pytest.raises(ConfigError, match=r"study\.backbones.*'no_such_net'"):
+        load_settings(_write(tmp_path, raw))
+
+
+def test_missing_file_and_bad_yaml_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_settings(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("study: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(bad)
