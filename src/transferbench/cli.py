@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from transferbench.config import load_settings
+from transferbench.config import Settings, load_settings
 from transferbench.errors import TransferbenchError
 
 # name -> (one-line help, function that adds arguments, function that runs it)
@@ -40,6 +40,194 @@ def _check_params(args: argparse.Namespace) -> int:
         print(f"{args.params}: ok (study {settings.study.name!r}: "
               f"{len(settings.study.tasks)} tasks x {len(settings.study.backbones)} backbones x "
               f"{len(settings.study.seeds)} seeds)")
+    return 0
+
+
+def _study_results(settings: Settings) -> list:
+    """The study's per-seed fine-tuning results (strictly read; see evaluation.results)."""
+    from transferbench.evaluation.results import read_study_results
+
+    study = settings.study
+    return read_study_results(settings.compare.metrics_dir,
+                              tasks={t: settings.task(t).metric for t in study.tasks},
+                              backbones={b: settings.backbone(b).family for b in study.backbones},
+                              seeds=study.seeds)
+
+
+def _register_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--summary", metavar="FILE",
+                        help="where to write the registered versions and aliases (default: <reports>/registry.json)")
+
+
+@command("register", "register each (task, backbone)'s best checkpoint in the MLflow Model Registry",
+         _register_arguments)
+def _register(args: argparse.Namespace) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from transferbench.evaluation.registry import current_git_commit, register_study
+    from transferbench.paths import reports_dir
+
+    settings = load_settings(args.params)
+    summary = Path(args.summary or reports_dir(settings.data) / "registry.json")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or settings.tracking.tracking_uri
+    rows = register_study(MlflowClient(tracking_uri=uri, registry_uri=uri), _study_results(settings),
+                          study=settings.study.name, git_commit=current_git_commit())
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(json.dumps(rows, indent=2) + "\n")
+    for row in rows:
+        state = "new" if row["created"] else "unchanged"
+        print(f"{row['registered_model']} v{row['version']} ({state}): {row['backbone']} seed {row['seed']}"
+              + (f" @{', @'.join(row['aliases'])}" if row["aliases"] else ""))
+    return 0
+
+
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--baseline", nargs="?", const="", default=None, metavar="FILE",
+                        help="drift gate: compare with this rank-table JSON (no FILE: params compare.baseline) "
+                             "and exit 1 on drift")
+    parser.add_argument("--drift-report", metavar="FILE", help="also write the drift Markdown here")
+
+
+@command("compare", "rank backbones per task and family (reports/rank_table.*); optionally gate on drift",
+         _compare_arguments)
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from transferbench.evaluation import drift
+    from transferbench.evaluation.ranking import rank_table
+    from transferbench.evaluation.reports import write_rank_reports
+    from transferbench.paths import reports_dir
+
+    settings = load_settings(args.params)
+    baseline = None
+    if args.baseline is not None:  # read first: a bad baseline fails before any report is written
+        baseline_path = args.baseline or settings.compare.baseline
+        baseline = drift.load_rank_table(baseline_path)
+    study = settings.study
+    table = rank_table(_study_results(settings), study=study.name,
+                       task_metrics={t: settings.task(t).metric for t in study.tasks},
+                       backbones={b: settings.backbone(b) for b in study.backbones}, alpha=settings.compare.alpha)
+    paths = write_rank_reports(table, reports_dir(settings.data))
+    if baseline is None:
+        print(f"rank table: {paths['markdown']} (+ .csv, .json, {paths['heatmap'].name}, {paths['cd_diagram'].name})")
+        return 0
+    tolerance = settings.compare.metric_tolerance
+    changes = drift.compare_rank_tables(baseline, table, tolerance=tolerance)
+    report = drift.drift_markdown(changes, baseline=baseline_path, tolerance=tolerance)
+    print(report, end="")
+    if args.drift_report:
+        Path(args.drift_report).write_text(report)
+    return 1 if drift.has_drift(changes) else 0
+
+
+def _task_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("task", help="a task defined under 'tasks' in params.yaml")
+
+
+def _datasets_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("datasets", nargs="*", help="datasets to fetch (default: those of study.tasks)")
+
+
+def _logging() -> None:
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logger = logging.getLogger("transferbench")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+@command("fetch", "materialise raw datasets under data.raw_dir from the mirror or upstream (checksums verified)",
+         _datasets_argument)
+def _fetch(args: argparse.Namespace) -> int:
+    from transferbench.data.registry import dataset_root, get_dataset
+    from transferbench.paths import mirror_root
+
+    settings = load_settings(args.params)
+    names = args.datasets or sorted({settings.task(t).dataset for t in settings.study.tasks})
+    for name in names:
+        adapter = get_dataset(name)
+        if adapter.generated:
+            print(f"{name}: generated by `transferbench generate {name}` (a dvc stage), nothing to fetch")
+            continue
+        dest = dataset_root(settings.data, name)
+        adapter.fetch(dest, mirror=mirror_root())
+        print(f"{name}: ok ({dest})")
+    return 0
+
+
+@command("generate", "generate a synthetic dataset under data.generated_dir (deterministic)", _datasets_argument)
+def _generate(args: argparse.Namespace) -> int:
+    from transferbench.data.registry import dataset_root
+    from transferbench.data.synthetic import generate
+
+    settings = load_settings(args.params)
+    for name in args.datasets or ["synthetic"]:
+        if name != "synthetic":
+            raise TransferbenchError(f"only 'synthetic' is generated, not {name!r}")
+        table = generate(settings.data.synthetic, dataset_root(settings.data, name))
+        print(f"{name}: {len(table)} images in {dataset_root(settings.data, name)}")
+    return 0
+
+
+@command("split", "write a task's train/val/test manifests, summary.json and quarantine.csv", _task_argument)
+def _split(args: argparse.Namespace) -> int:
+    from transferbench.data.splits import split_task
+
+    _logging()
+    settings = load_settings(args.params)
+    summary = split_task(args.task, settings.task(args.task), settings.data)
+    print(f"{args.task}: rows {summary['rows']}, groups {summary['groups']}, "
+          f"excluded {summary['excluded_total']} {summary['excluded']}")
+    return 0
+
+
+@command("validate", "run the great-expectations suites on a task's raw data and splits", _task_argument)
+def _validate(args: argparse.Namespace) -> int:
+    from transferbench.data.validation import validate_task
+
+    _logging()
+    settings = load_settings(args.params)
+    report = validate_task(args.task, settings.task(args.task), settings.data)
+    print(f"{args.task}: validation passed ({report['checked']} expectations, "
+          f"{len(report['warnings'])} warnings)")
+    return 0
+
+
+# Test-only: make one Ray worker SIGKILL itself after this epoch (first attempt only).
+KILL_AT_EPOCH_ENV = "TRANSFERBENCH_FAULT_KILL_AT_EPOCH"
+
+
+def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", required=True, help="task name under params.yaml tasks")
+    parser.add_argument("--backbone", required=True, help="backbone name under params.yaml backbones")
+    parser.add_argument("--seed", type=int, required=True, help="training seed")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="override ray.num_workers (the effective value is logged to MLflow)")
+    parser.add_argument("--metrics-dir", default="metrics/finetune", help="default: %(default)s")
+    parser.add_argument("--plots-dir", default="plots/finetune", help="default: %(default)s")
+
+
+@command("finetune", "fine-tune one backbone on one task with one seed (Ray Train, tracked in MLflow)",
+         _finetune_arguments)
+def _finetune(args: argparse.Namespace) -> int:
+    import os
+
+    from transferbench.training.finetune import run_finetune
+
+    settings = load_settings(args.params)
+    kill = os.environ.get(KILL_AT_EPOCH_ENV)
+    result = run_finetune(settings, task=args.task, backbone=args.backbone, seed=args.seed,
+                          num_workers=args.workers, metrics_dir=args.metrics_dir, plots_dir=args.plots_dir,
+                          kill_at_epoch=int(kill) if kill else None)
+    print(f"{args.task}/{args.backbone}/seed{args.seed} ({result['weights_label']}): "
+          f"test {result['metric']} {result['test_score']:.4f}, best epoch {result['best_epoch']}/"
+          f"{result['epochs_run']}, mlflow run {result['mlflow_run_id']}")
     return 0
 
 

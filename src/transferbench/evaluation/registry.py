@@ -1,0 +1,180 @@
+"""Best fine-tuned checkpoints into the MLflow Model Registry, with champion and per-family aliases.
+
+Layout: one registered model per (study, task), named ``<study>.<task>``; one version per backbone
+(its best seed). Aliases on each registered model:
+
+- ``champion``: the best backbone on the task;
+- ``best-convnet`` / ``best-transformer``: the best backbone of each family (``best-<family>``).
+
+"Best" is always judged on the validation metric (``val_<metric>``, direction-aware): the test
+split stays untouched by every choice. Ties go to the lower seed, then the backbone name, so
+the choice is deterministic.
+
+Idempotent: a version is identified by (backbone, source run id); re-registering unchanged
+results finds the existing version and creates none. A new run (e.g. a better result) becomes a
+new version and the aliases move to it; older versions stay, as history, with their tags.
+
+Model URI convention (MLflow 3): training logs ``mlflow.pytorch.log_model(model, name="model")``
+inside run ``mlflow_run_id``, which creates a LoggedModel (id ``m-...``) whose source run is that
+run. The version's source is ``models:/<logged-model-id>``, found by that name and run (what
+``mlflow.register_model("runs:/<run>/model", ...)`` does); ``runs:/<run>/model`` is kept in the
+``model_uri`` tag. A run whose model sits in its run artifacts (MLflow 2 layout) is registered
+from there.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from transferbench.errors import TransferbenchError
+from transferbench.evaluation.results import FinetuneResult, higher_is_better
+
+MODEL_ARTIFACT = "model"
+CHAMPION = "champion"
+# Provenance keys copied from the metrics JSON into version tags when present.
+PROVENANCE_KEYS = ("model", "weights", "random_init", "data_version", "git_commit", "best_epoch", "epochs_run")
+
+
+class RegistryError(TransferbenchError):
+    """The run or model a result points at cannot be found in MLflow."""
+
+
+def registered_model_name(study: str, task: str) -> str:
+    return f"{study}.{task}"
+
+
+def family_alias(family: str) -> str:
+    return f"best-{family}"
+
+
+def _val_key(result: FinetuneResult) -> tuple[float, int, str]:
+    """Sort key: best validation score first, then lower seed, then backbone name."""
+    score = -result.val_score if higher_is_better(result.metric) else result.val_score
+    return score, result.seed, result.backbone
+
+
+def select_checkpoints(results: Sequence[FinetuneResult]) -> dict[tuple[str, str], FinetuneResult]:
+    """The best seed of every (task, backbone), by validation metric."""
+    best: dict[tuple[str, str], FinetuneResult] = {}
+    for result in sorted(results, key=_val_key):
+        best.setdefault((result.task, result.backbone), result)
+    return best
+
+
+def alias_targets(selected: Sequence[FinetuneResult]) -> dict[str, FinetuneResult]:
+    """``champion`` and ``best-<family>`` for one task's selected checkpoints."""
+    ranked = sorted(selected, key=_val_key)
+    targets = {CHAMPION: ranked[0]} if ranked else {}
+    for result in ranked:
+        targets.setdefault(family_alias(result.family), result)
+    return targets
+
+
+def version_tags(result: FinetuneResult, *, study: str, seeds: Sequence[FinetuneResult],
+                 git_commit: str | None) -> dict[str, str]:
+    """Tags of a registered version: what it is, how it scored, and where it came from."""
+    tags = {
+        "study": study, "task": result.task, "backbone": result.backbone, "family": result.family,
+        "weights": result.weights, "seed": str(result.seed), "mlflow_run_id": result.mlflow_run_id,
+        "model_uri": result.model_uri, "selection_metric": result.metric,
+        "selected_by": f"best val_{result.metric} over seeds {sorted(r.seed for r in seeds)}",
+        "data_version": str(result.raw.get("data_version") or "unknown"),
+        "git_commit": str(result.raw.get("git_commit") or git_commit or "unknown"),
+        "metrics_file": str(result.path),
+    }
+    for key in PROVENANCE_KEYS:
+        if key in result.raw and key not in tags:
+            tags[key] = str(result.raw[key])
+    for split in ("val", "test"):
+        for name, value in result.scores(split).items():
+            tags[f"{split}_{name}"] = repr(value)
+    return tags
+
+
+def current_git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _model_source(client: MlflowClient, run_id: str) -> tuple[str, str | None]:
+    """(source URI, logged-model id) of the model logged as ``name="model"`` in ``run_id``."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise RegistryError(f"MLflow run {run_id} not found in the tracking store: {exc.message}") from None
+    models, token = [], None
+    while True:
+        page = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                           filter_string=f"name = '{MODEL_ARTIFACT}'", page_token=token)
+        models += [m for m in page if m.source_run_id == run_id]
+        token = page.token
+        if not token:
+            break
+    if models:
+        model = max(models, key=lambda m: m.creation_timestamp)
+        return f"models:/{model.model_id}", model.model_id
+    artifacts = {a.path for a in client.list_artifacts(run_id, MODEL_ARTIFACT)}
+    if f"{MODEL_ARTIFACT}/MLmodel" in artifacts:
+        return f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", None
+    raise RegistryError(f"MLflow run {run_id} logged no model named '{MODEL_ARTIFACT}' "
+                        f"(expected mlflow.pytorch.log_model(model, name='{MODEL_ARTIFACT}'))")
+
+
+def _ensure_registered_model(client: MlflowClient, name: str, tags: Mapping[str, str]) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, tags=dict(tags),
+                                       description="Best fine-tuned checkpoint per backbone (transferbench register)")
+
+
+def _existing_version(client: MlflowClient, name: str, result: FinetuneResult) -> ModelVersion | None:
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.tags.get("backbone") == result.backbone and version.run_id == result.mlflow_run_id:
+            return version
+    return None
+
+
+def register_study(client: MlflowClient, results: Sequence[FinetuneResult], *, study: str,
+                   git_commit: str | None = None) -> list[dict[str, Any]]:
+    """Register every (task, backbone)'s best checkpoint and point the aliases; returns one row per version."""
+    selected = select_checkpoints(results)
+    rows = []
+    for task in dict.fromkeys(r.task for r in results):
+        name = registered_model_name(study, task)
+        task_selected = [r for (t, _), r in selected.items() if t == task]
+        _ensure_registered_model(client, name, {"study": study, "task": task,
+                                                "selection_metric": task_selected[0].metric})
+        versions: dict[str, ModelVersion] = {}
+        for result in task_selected:
+            version = _existing_version(client, name, result)
+            created = version is None
+            if created:
+                source, model_id = _model_source(client, result.mlflow_run_id)
+                seeds = [r for r in results if (r.task, r.backbone) == (task, result.backbone)]
+                tags = version_tags(result, study=study, seeds=seeds, git_commit=git_commit)
+                tags["logged_model_id"] = model_id or "none (MLflow 2 run artifact)"
+                version = client.create_model_version(
+                    name, source, run_id=result.mlflow_run_id, model_id=model_id, tags=tags,
+                    description=f"{result.backbone} ({result.family}) on {task}, seed {result.seed}")
+            versions[result.backbone] = version
+            rows.append({"registered_model": name, "version": str(version.version), "task": task,
+                         "backbone": result.backbone, "family": result.family, "seed": result.seed,
+                         "mlflow_run_id": result.mlflow_run_id, "created": created, "aliases": []})
+        aliases = client.get_registered_model(name).aliases
+        for alias, result in alias_targets(task_selected).items():
+            version = str(versions[result.backbone].version)
+            if aliases.get(alias) != version:
+                client.set_registered_model_alias(name, alias, version)
+            next(r for r in rows if r["registered_model"] == name and r["backbone"] == result.backbone)[
+                "aliases"].append(alias)
+    return rows

@@ -1,0 +1,181 @@
+"""The rank table as files: Markdown for people, CSV and JSON for tools, PNGs for ``dvc plots``.
+
+All four carry the same numbers (the JSON is the rank table itself; the CSV is its long form).
+The JSON is a DVC metric, so ``dvc metrics diff`` shows ranks and means moving between commits.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+CSV_COLUMNS = ("scope", "task", "metric", "backbone", "family", "weights", "imagenet_top1",
+               "mean", "std", "n_seeds", "rank")
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _rank(value: float) -> str:
+    return f"{value:g}" if value == int(value) or value * 2 == int(value * 2) else f"{value:.2f}"
+
+
+def rank_table_markdown(table: dict[str, Any]) -> str:
+    """The paper-style table: backbones x tasks with mean ± std (rank), then family ranks."""
+    tasks, backbones, families = table["tasks"], table["backbones"], table["families"]
+    lines = [f"# Rank table: study `{table['study']}`", ""]
+    labels = sorted({b["weights_label"] for b in backbones.values()})
+    if any(b["weights"] != "hub" for b in backbones.values()):
+        lines += [f"**Weights: {', '.join(labels)}.** Backbones not initialised from pretrained hub weights "
+                  "are marked in every row; their ranks say nothing about pretrained transfer.", ""]
+    lines += ["Per task: mean ± std of the test metric over seeds, (rank). Rank 1 is best; "
+              "ties share the average rank; ↓ marks lower-is-better metrics.", ""]
+    header = ["backbone", "family", "weights", "ImageNet top-1"]
+    header += [f"{t} ({v['metric']}{'' if v['higher_is_better'] else ' ↓'})" for t, v in tasks.items()]
+    header += ["average rank"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, b in sorted(backbones.items(), key=lambda kv: (kv[1]["average_rank"], kv[0])):
+        row = [f"`{name}`", b["family"], b["weights_label"],
+               "n/a" if b["imagenet_top1"] is None else f"{b['imagenet_top1']:.1f}"]
+        for task in tasks.values():
+            cell = task["backbones"][name]
+            row.append(f"{_num(cell['mean'])} ± {_num(cell['std'])} ({_rank(cell['rank'])})")
+        row.append(f"**{b['average_rank']:.2f}**")
+        lines.append("| " + " | ".join(row) + " |")
+
+    lines += ["", "## Families", "",
+              "Per task: mean rank of the family's backbones. Average rank: mean of its backbones' average ranks.",
+              ""]
+    header = ["family", "backbones"] + list(tasks) + ["average rank"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, f in sorted(families.items(), key=lambda kv: (kv[1]["average_rank"], kv[0])):
+        row = [name, ", ".join(f"`{b}`" for b in f["backbones"])]
+        row += [f"{task['family_rank'][name]:.2f}" for task in tasks.values()]
+        row.append(f"**{f['average_rank']:.2f}**")
+        lines.append("| " + " | ".join(row) + " |")
+    order = " before ".join(" = ".join(group) for group in table["family_order"])
+    lines += ["", f"Family order (best first): {order}.", "", "## Significance across tasks", ""]
+    lines += _significance_markdown(table["significance"])
+    return "\n".join(lines) + "\n"
+
+
+def _significance_markdown(sig: dict[str, Any]) -> list[str]:
+    if not sig["applies"]:
+        return [f"The Friedman test does not apply: {sig['reason']}."]
+    verdict = "significant" if sig["significant"] else "not significant"
+    lines = [f"Friedman test over {sig['n_tasks']} tasks and {sig['n_backbones']} backbones: "
+             f"χ² = {sig['statistic']:.3f}, p = {sig['p_value']:.4g} ({verdict} at α = {sig['alpha']}).",
+             f"Nemenyi critical difference: {sig['critical_difference']:.3f} average ranks "
+             "(see rank_cd_diagram.png).", ""]
+    pairs = sorted({tuple(sorted((a, b))) for a, row in sig["pairwise_p"].items() for b in row})
+    significant = [f"`{a}` vs `{b}` (p = {sig['pairwise_p'][a][b]:.4g})" for a, b in pairs
+                   if sig["pairwise_p"][a][b] < sig["alpha"]]
+    lines.append("Significantly different pairs (Nemenyi): " + (", ".join(significant) or "none") + ".")
+    return lines
+
+
+def rank_table_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rank table in long form, one row per number (CSV)."""
+    rows = []
+    backbones = table["backbones"]
+    for task, t in table["tasks"].items():
+        for name, cell in t["backbones"].items():
+            b = backbones[name]
+            rows.append({"scope": "task", "task": task, "metric": t["metric"], "backbone": name,
+                         "family": b["family"], "weights": b["weights"], "imagenet_top1": b["imagenet_top1"],
+                         "mean": cell["mean"], "std": cell["std"], "n_seeds": cell["n_seeds"], "rank": cell["rank"]})
+        for family, rank in t["family_rank"].items():
+            rows.append({"scope": "task_family", "task": task, "metric": t["metric"], "family": family,
+                         "rank": rank})
+    for name, b in backbones.items():
+        rows.append({"scope": "average", "backbone": name, "family": b["family"], "weights": b["weights"],
+                     "imagenet_top1": b["imagenet_top1"], "rank": b["average_rank"]})
+    for family, f in table["families"].items():
+        rows.append({"scope": "family_average", "family": family, "rank": f["average_rank"]})
+    return [{c: row.get(c) for c in CSV_COLUMNS} for row in rows]
+
+
+def rank_table_csv(table: dict[str, Any]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else (repr(v) if isinstance(v, float) else v) for k, v in row.items()}
+                     for row in rank_table_rows(table))
+    return out.getvalue()
+
+
+def plot_rank_heatmap(table: dict[str, Any], path: Path) -> None:
+    """Tasks x backbones heat-map of ranks (1 = best, darker), backbones by average rank."""
+    order = sorted(table["backbones"], key=lambda b: (table["backbones"][b]["average_rank"], b))
+    ranks = pd.DataFrame({b: [t["backbones"][b]["rank"] for t in table["tasks"].values()] for b in order},
+                         index=list(table["tasks"]))
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(order), 1.4 + 0.6 * len(ranks)))
+    image = ax.imshow(ranks.to_numpy(), cmap="viridis_r", vmin=1, vmax=max(len(order), 2), aspect="auto")
+    ax.set_xticks(range(len(order)), [f"{b}\n({table['backbones'][b]['family']})" for b in order],
+                  rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(ranks)), list(ranks.index), fontsize=8)
+    for i, row in enumerate(ranks.to_numpy()):
+        for j, value in enumerate(row):
+            ax.text(j, i, _rank(value), ha="center", va="center", color="black" if value < len(order) / 2 + 1
+                    else "white", fontsize=8)
+    fig.colorbar(image, ax=ax, label="rank (1 = best)")
+    ax.set_title(f"Per-task rank, study {table['study']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_cd_diagram(table: dict[str, Any], path: Path) -> None:
+    """Nemenyi critical-difference diagram, or a figure saying why the test does not apply.
+
+    Always written, so the DVC stage's declared plot exists whatever the number of tasks.
+    """
+    import scikit_posthocs as sp
+
+    sig = table["significance"]
+    fig, ax = plt.subplots(figsize=(7, 2.5))
+    if sig["applies"]:
+        names = list(table["backbones"])
+        matrix = pd.DataFrame(1.0, index=names, columns=names)
+        for a, row in sig["pairwise_p"].items():
+            for b, p in row.items():
+                matrix.loc[a, b] = p
+        ranks = pd.Series({b: table["backbones"][b]["average_rank"] for b in names})
+        sp.critical_difference_diagram(ranks, matrix, alpha=sig["alpha"], cd=sig["critical_difference"], ax=ax)
+        ax.set_title(f"Average rank, Nemenyi CD = {sig['critical_difference']:.2f} (α = {sig['alpha']})",
+                     fontsize=9, pad=24)
+    else:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "Friedman / Nemenyi test does not apply:\n" + sig["reason"], ha="center", va="center",
+                wrap=True, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+REPORT_FILES = {"markdown": "rank_table.md", "csv": "rank_table.csv", "json": "rank_table.json",
+                "heatmap": "rank_heatmap.png", "cd_diagram": "rank_cd_diagram.png"}
+
+
+def write_rank_reports(table: dict[str, Any], reports_dir: str | Path) -> dict[str, Path]:
+    """Write every rank-table file under ``reports_dir``; returns what was written, by kind."""
+    out = Path(reports_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out / name for kind, name in REPORT_FILES.items()}
+    paths["markdown"].write_text(rank_table_markdown(table))
+    paths["csv"].write_text(rank_table_csv(table))
+    paths["json"].write_text(json.dumps(table, indent=2, allow_nan=False) + "\n")
+    plot_rank_heatmap(table, paths["heatmap"])
+    plot_cd_diagram(table, paths["cd_diagram"])
+    return paths

@@ -1,0 +1,71 @@
+"""Write a small study to disk: its params.yaml and per-seed metrics JSON (the training stage's output contract).
+
+A uniquely named module (not conftest) so tests can import it without clashing with other folders' conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
+# family and ImageNet top-1 of the test backbones (timm test_* models).
+BACKBONES = {
+    "test_resnet": ("convnet", None),
+    "test_convnext": ("convnet", 80.0),
+    "test_vit": ("transformer", 80.5),
+    "test_vit2": ("transformer", None),
+}
+
+
+def write_params(root: Path, *, tasks: Mapping[str, str], backbones: Sequence[str], seeds: Sequence[int],
+                 study: str = "unit-study", tolerance: float = 0.05, **tracking: str) -> Path:
+    """A params.yaml for a study of ``tasks`` (task -> metric) x ``backbones`` x ``seeds`` under ``root``."""
+    # Start from the shipped params so sections other engineers own stay valid as they evolve.
+    params = yaml.safe_load(REPO_PARAMS.read_text())
+    template = params["tasks"]["synthetic"]
+    params |= {
+        "study": {"name": study, "tasks": list(tasks), "backbones": list(backbones), "seeds": list(seeds)},
+        "data": {**params.get("data", {}), "reports_dir": str(root / "reports"), "splits_dir": str(root / "splits")},
+        "tasks": {t: {**template, "metric": m} for t, m in tasks.items()},
+        "backbones": {b: {"model": b, "family": BACKBONES[b][0], "weights": "none", "preset": "tiny",
+                          **({"imagenet_top1": BACKBONES[b][1]} if BACKBONES[b][1] else {})} for b in backbones},
+        "compare": {"metrics_dir": str(root / "metrics"), "baseline": str(root / "baseline.json"),
+                    "metric_tolerance": tolerance},
+        "tracking": dict(tracking),
+    }
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def metrics_record(task: str, backbone: str, seed: int, metric: str, test: float, val: float | None = None,
+                   run_id: str = "0" * 32, **extra: Any) -> dict[str, Any]:
+    """One metrics JSON as the training stage writes it (input contract of evaluation.results)."""
+    val = test if val is None else val
+    record = {"task": task, "backbone": backbone, "model": backbone, "family": BACKBONES[backbone][0],
+              "weights": "none", "random_init": True, "seed": seed, "mlflow_run_id": run_id, "metric": metric,
+              "val_loss": 1.0 - val, "best_epoch": 1, "epochs_run": 2, "data_version": "md5:abc",
+              "git_commit": "deadbeef"}
+    for m in ("accuracy", "balanced_accuracy", "macro_f1"):
+        record[f"val_{m}"] = val if m == metric else val * 0.9
+        record[f"test_{m}"] = test if m == metric else test * 0.9
+    record[f"val_{metric}"], record[f"test_{metric}"] = val, test  # e.g. mae, outside the loop above
+    record.update(extra)
+    return record
+
+
+def write_metrics(metrics_dir: Path, scores: Mapping[str, Mapping[str, Sequence[float]]],
+                  metrics: Mapping[str, str]) -> None:
+    """``scores[task][backbone]`` = per-seed test scores (seeds 0, 1, ...); val = test."""
+    for task, per_backbone in scores.items():
+        for backbone, values in per_backbone.items():
+            for seed, value in enumerate(values):
+                path = metrics_dir / task / backbone / f"seed{seed}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(metrics_record(task, backbone, seed, metrics[task], value)))

@@ -1,0 +1,111 @@
+"""The drift gate: `transferbench compare --baseline` passes on an unchanged study and fails on rank moves."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from transferbench.cli import main
+from transferbench.evaluation.drift import compare_rank_tables, has_drift
+
+SCORES = {
+    "covid_geo": {"test_resnet": [0.60, 0.62, 0.61], "test_convnext": [0.50, 0.52, 0.51],
+                  "test_vit": [0.70, 0.71, 0.72], "test_vit2": [0.40, 0.45, 0.42]},
+    "synthetic": {"test_resnet": [0.80, 0.80, 0.80], "test_convnext": [0.30, 0.60, 0.90],
+                  "test_vit": [0.55, 0.55, 0.55], "test_vit2": [0.35, 0.35, 0.35]},
+}
+
+
+@pytest.fixture
+def baseline(study) -> tuple[Path, Path]:
+    """Run the study's compare once and keep its table as the committed baseline."""
+    params = study(SCORES, {"covid_geo": "balanced_accuracy", "synthetic": "accuracy"})
+    assert main(["--params", str(params), "compare"]) == 0
+    path = params.parent / "baseline.json"  # params compare.baseline
+    shutil.copy(params.parent / "reports" / "rank_table.json", path)
+    return params, path
+
+
+def test_unedited_baseline_passes(baseline, capsys):
+    params, path = baseline
+    assert main(["--params", str(params), "compare", "--baseline", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "**No drift**" in out and "Nothing moved." in out
+    assert main(["--params", str(params), "compare", "--baseline"]) == 0  # params compare.baseline
+
+
+def test_swapping_two_ranks_fails_and_names_both_backbones_and_the_task(baseline, capsys, tmp_path):
+    params, path = baseline
+    table = json.loads(path.read_text())
+    # covid_geo: test_resnet (0.61, rank 2) now below test_convnext (0.51, rank 3)
+    table["tasks"]["covid_geo"]["backbones"]["test_resnet"]["mean"] = 0.50
+    edited = tmp_path / "edited_baseline.json"
+    edited.write_text(json.dumps(table))
+    report_file = tmp_path / "summary.md"
+    assert main(["--params", str(params), "compare", "--baseline", str(edited),
+                 "--drift-report", str(report_file)]) == 1
+    out = capsys.readouterr().out
+    assert out == report_file.read_text()
+    assert "**DRIFT" in out
+    rank_rows = [line for line in out.splitlines() if "| rank |" in line]
+    assert len(rank_rows) == 2
+    assert any("covid_geo" in r and "`test_resnet`" in r and "| 3 | 2 |" in r for r in rank_rows)
+    assert any("covid_geo" in r and "`test_convnext`" in r and "| 2 | 3 |" in r for r in rank_rows)
+    assert "hand-edited" in out  # the edited file's stored ranks no longer match its means
+
+
+def test_move_within_seed_spread_is_reported_not_drift(baseline):
+    params, path = baseline
+    old = json.loads(path.read_text())
+    new = json.loads(path.read_text())
+    # synthetic/test_convnext has std 0.3 over seeds: a 0.1 move is noise; it changes no rank.
+    new["tasks"]["synthetic"]["backbones"]["test_convnext"]["mean"] += 0.1
+    changes = compare_rank_tables(old, new, tolerance=0.05)
+    assert [(c.kind, c.subject, c.drift) for c in changes] == [("metric", "test_convnext", False)]
+    assert "within seed std" in changes[0].why
+    # the same move on a backbone whose seeds agree is drift
+    new = json.loads(path.read_text())
+    new["tasks"]["synthetic"]["backbones"]["test_vit2"]["mean"] += 0.1
+    assert has_drift(compare_rank_tables(old, new, tolerance=0.05))
+    assert not has_drift(compare_rank_tables(old, new, tolerance=0.2))
+
+
+def test_family_order_change_is_drift(baseline):
+    _, path = baseline
+    old = json.loads(path.read_text())
+    new = json.loads(path.read_text())
+    for task in new["tasks"].values():  # every convnet falls to the bottom
+        for name, cell in task["backbones"].items():
+            if new["backbones"][name]["family"] == "convnet":
+                cell["mean"] = 0.0
+    kinds = {c.kind for c in compare_rank_tables(old, new, tolerance=1.0) if c.drift}
+    assert kinds == {"rank", "family_order"}
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    ("{not json", "not valid JSON"),
+    ("[]", "expected a JSON object"),
+    ('{"schema": "transferbench.rank_table/1", "study": "x"}', "missing key 'backbones'"),
+    ('{"schema": "something-else"}', "schema 'something-else' is not"),
+])
+def test_missing_or_malformed_baseline_is_an_error_not_a_pass(baseline, tmp_path, capsys, content, message):
+    params, path = baseline
+    bad = tmp_path / "bad.json"
+    if content is not None:
+        bad.write_text(content)
+    assert main(["--params", str(params), "compare", "--baseline", str(bad)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_baseline_missing_a_key_names_it(baseline, tmp_path, capsys):
+    params, path = baseline
+    table = json.loads(path.read_text())
+    del table["tasks"]["synthetic"]["backbones"]["test_vit"]["mean"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(table))
+    assert main(["--params", str(params), "compare", "--baseline", str(bad)]) == 2
+    assert "missing key 'tasks.synthetic.backbones.test_vit.mean'" in capsys.readouterr().err
