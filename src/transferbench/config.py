@@ -307,6 +307,15 @@ class TaskSettings:
 
 # --------------------------------------------------------------------------- models
 @dataclass(frozen=True)
+class TunedHyperparameters:
+    """A backbone's tuned learning rate and warm-up (written by `transferbench sensitivity-report`)."""
+
+    lr: float = bounded(gt=0)
+    warmup_iters: int = bounded(ge=0)
+    warmup_lr: float = bounded(gt=0)
+
+
+@dataclass(frozen=True)
 class BackboneSettings:
     """One entry of the backbone catalogue (PROTOCOL.md, "Backbones")."""
 
@@ -318,6 +327,8 @@ class BackboneSettings:
     # Input side in px; null means the protocol's finetune.img_size.
     img_size: int | None = bounded(None, ge=16)
     imagenet_top1: float | None = bounded(None, ge=0, le=100)
+    # Used instead of finetune.lr/warmup_iters/warmup_lr when finetune.hyperparameters is "tuned".
+    tuned: TunedHyperparameters | None = None
 
     def __post_init__(self) -> None:
         if self.weights not in ("hub", "none") and not (self.weights.startswith("file:") and len(self.weights) > 5):
@@ -348,6 +359,9 @@ class FinetuneSettings:
     batch_size: int = bounded(32, ge=1)
     # Batch size for val/test inference (no gradients, so it can be larger).
     eval_batch_size: int = bounded(64, ge=1)
+    # paper: lr/warmup_iters/warmup_lr above for every backbone. tuned: each backbone's
+    # backbones.<b>.tuned (from the sensitivity study); runs are tagged with which was used.
+    hyperparameters: Literal["paper", "tuned"] = "paper"
 
     def __post_init__(self) -> None:
         if len(self.adam_betas) != 2:
@@ -402,6 +416,92 @@ class CompareSettings:
     alpha: float = bounded(0.05, gt=0, lt=1)
 
 
+# --------------------------------------------------------------------------- tuning
+@dataclass(frozen=True)
+class FloatRange:
+    """A search range; ``log`` samples log-uniformly (both bounds must then be > 0)."""
+
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class IntRange:
+    low: int = bounded(ge=0)
+    high: int = bounded(ge=0)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the sensitivity study varies; every other protocol value stays fixed."""
+
+    lr: FloatRange = field(default_factory=lambda: FloatRange(1e-6, 1e-2, log=True))
+    warmup_iters: IntRange = field(default_factory=lambda: IntRange(0, 3000))
+    warmup_lr: FloatRange = field(default_factory=lambda: FloatRange(1e-8, 1e-4, log=True))
+
+    def __post_init__(self) -> None:
+        for key in ("lr", "warmup_iters", "warmup_lr"):
+            space = getattr(self, key)
+            if space.low > space.high:
+                raise ConfigError(f"params key '{key}': low {space.low!r} > high {space.high!r}")
+        for key in ("lr", "warmup_lr"):
+            space = getattr(self, key)
+            if space.low <= 0:
+                scale = "on a log scale" if space.log else "for a learning rate"
+                raise ConfigError(f"params key '{key}': low {space.low!r} must be > 0 {scale}")
+
+
+@dataclass(frozen=True)
+class PrunerSettings:
+    """Stops hopeless trials from the val metric reported every epoch."""
+
+    kind: Literal["median", "hyperband", "none"] = "median"
+    # median: prune below the median of earlier trials at the same epoch, once this many
+    # trials finished and after this many epochs of the trial.
+    n_startup_trials: int = bounded(4, ge=0)
+    n_warmup_steps: int = bounded(1, ge=0)
+    # hyperband: resources are epochs (max: sensitivity.max_epochs).
+    min_resource: int = bounded(1, ge=1)
+    reduction_factor: int = bounded(3, ge=2)
+
+
+@dataclass(frozen=True)
+class SensitivitySettings:
+    """How much do lr and warm-up choices move the ranking? (PROTOCOL.md, "Sensitivity"; Optuna)."""
+
+    # The tasks x backbones the dvc stage fans out over.
+    tasks: tuple[str, ...] = ()
+    backbones: tuple[str, ...] = ()
+    # Finished (complete or pruned) trials per (task, backbone); trial 0 is the fixed protocol choice.
+    n_trials: int = bounded(12, ge=2)
+    # Per-trial budget; every other protocol value is finetune's.
+    max_epochs: int = bounded(6, ge=1)
+    # qmc (scrambled Sobol): trial i has the same configuration for every backbone. tpe | random.
+    sampler: Literal["qmc", "tpe", "random"] = "qmc"
+    # Seeds the sampler, the model initialisation and the data order of every trial.
+    seed: int = bounded(0, ge=0)
+    pruner: PrunerSettings = field(default_factory=PrunerSettings)
+    # Optuna storage: any SQLAlchemy URL (shared study) or the embedded SQLite file; $OPTUNA_STORAGE overrides.
+    storage: str = "sqlite:///data/optuna/sensitivity.db"
+    # A worker that has not sent a heartbeat for grace_period seconds is dead: its trial is retried.
+    heartbeat_interval: int = bounded(10, ge=1)
+    grace_period: int = bounded(60, ge=2)
+    # PED-ANOVA: importance for reaching the top this fraction of trials.
+    ped_anova_quantile: float = bounded(0.25, gt=0, lt=1)
+    reports_dir: str = "reports/sensitivity"
+    space: SearchSpace = field(default_factory=SearchSpace)
+
+    def __post_init__(self) -> None:
+        for key in ("tasks", "backbones"):
+            items = getattr(self, key)
+            if len(set(items)) != len(items):
+                raise ConfigError(f"params key '{key}': entries must be unique, got {list(items)}")
+        if self.grace_period <= self.heartbeat_interval:
+            raise ConfigError(f"params key 'grace_period': {self.grace_period} must exceed heartbeat_interval "
+                              f"{self.heartbeat_interval}")
+
+
 # --------------------------------------------------------------------------- root
 @dataclass(frozen=True)
 class Settings:
@@ -415,14 +515,19 @@ class Settings:
     ray: RaySettings = field(default_factory=RaySettings)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
     compare: CompareSettings = field(default_factory=CompareSettings)
+    sensitivity: SensitivitySettings = field(default_factory=SensitivitySettings)
 
     def __post_init__(self) -> None:
-        for key, catalogue in (("tasks", self.tasks), ("backbones", self.backbones)):
-            for name in getattr(self.study, key):
-                if name not in catalogue:
-                    raise ConfigError(
-                        f"params key 'study.{key}': {name!r} is not defined under '{key}'; "
-                        f"allowed values: {', '.join(sorted(catalogue))}")
+        for section in ("study", "sensitivity"):
+            for key, catalogue in (("tasks", self.tasks), ("backbones", self.backbones)):
+                for name in getattr(getattr(self, section), key):
+                    if name not in catalogue:
+                        raise ConfigError(
+                            f"params key '{section}.{key}': {name!r} is not defined under '{key}'; "
+                            f"allowed values: {', '.join(sorted(catalogue))}")
+        if self.finetune.hyperparameters == "tuned":
+            for name in self.study.backbones:
+                self.finetune_for(name)
         for name, task in self.tasks.items():
             rule = task.split.geographic
             for key in ("train_regions", "val_regions"):
@@ -440,6 +545,18 @@ class Settings:
         if name not in self.backbones:
             raise ConfigError(f"unknown backbone {name!r}; defined backbones: {', '.join(sorted(self.backbones))}")
         return self.backbones[name]
+
+    def finetune_for(self, backbone: str) -> FinetuneSettings:
+        """The protocol ``backbone`` trains with: finetune's, or its tuned lr and warm-up."""
+        protocol = self.finetune
+        if protocol.hyperparameters == "paper":
+            return protocol
+        tuned = self.backbone(backbone).tuned
+        if tuned is None:
+            raise ConfigError(
+                f"params key 'backbones.{backbone}.tuned': missing, but finetune.hyperparameters is 'tuned'; "
+                f"set it from reports/sensitivity/<task>/best_params.json (`transferbench sensitivity-report`)")
+        return dataclasses.replace(protocol, lr=tuned.lr, warmup_iters=tuned.warmup_iters, warmup_lr=tuned.warmup_lr)
 
 
 def load_settings(path: str | Path = DEFAULT_PARAMS) -> Settings:

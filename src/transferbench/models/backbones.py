@@ -1,0 +1,162 @@
+"""Backbone catalogue -> timm models with the paper's classification head.
+
+PROTOCOL.md, "Backbones" and "Fine-tuning protocol": a timm backbone (features
+only, ``num_classes=0``) followed by dropout p and one linear layer. The weights
+source of every entry is explicit:
+
+- ``hub``: timm's pretrained weights (downloaded through the Hugging Face hub);
+  when that is impossible (offline) loading fails with a ``WeightsUnavailableError``
+  that says to use ``file:<path>`` or ``none`` -- never a silent random init.
+- ``file:<path>``: a local checkpoint (e.g. tracked by DVC), loaded by timm through
+  ``pretrained_cfg_overlay=dict(file=...)``.
+- ``none``: random initialisation; results are labelled ``random_init`` everywhere.
+
+Input normalisation (mean/std, crop fraction) comes from
+``timm.data.resolve_model_data_config``, never from params.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from transferbench.config import BackboneSettings, Settings
+from transferbench.errors import TransferbenchError
+
+
+class WeightsUnavailableError(TransferbenchError):
+    """Pretrained weights were asked for but cannot be loaded (offline hub, missing file)."""
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """A parsed ``weights:`` value."""
+
+    kind: str  # "hub" | "file" | "none"
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, value: str) -> WeightsSource:
+        if value == "hub":
+            return cls("hub")
+        if value == "none":
+            return cls("none")
+        if value.startswith("file:") and len(value) > 5:
+            return cls("file", Path(value[5:]))
+        raise TransferbenchError(f"weights {value!r}: expected 'hub', 'none' or 'file:<path>'")
+
+    @property
+    def random_init(self) -> bool:
+        return self.kind == "none"
+
+    @property
+    def label(self) -> str:
+        """What reports print next to a result: pretrained source or 'random-init'."""
+        return "random-init" if self.random_init else ("hub-pretrained" if self.kind == "hub" else "file-pretrained")
+
+
+def effective_img_size(backbone: BackboneSettings, protocol_img_size: int) -> int:
+    """The catalogue's per-backbone input size, else the protocol's ``finetune.img_size``."""
+    return backbone.img_size or protocol_img_size
+
+
+def presets(settings: Settings) -> dict[str, tuple[str, ...]]:
+    """Preset name -> backbone names, in catalogue order (the registry the tests iterate)."""
+    out: dict[str, list[str]] = {}
+    for name, entry in settings.backbones.items():
+        out.setdefault(entry.preset, []).append(name)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _create(model: str, *, pretrained: bool, img_size: int, overlay: Mapping[str, Any] | None) -> nn.Module:
+    kwargs: dict[str, Any] = {"pretrained": pretrained, "num_classes": 0}
+    if overlay:
+        kwargs["pretrained_cfg_overlay"] = dict(overlay)
+    try:
+        # Transformers take the input size (position embeddings are resized to it).
+        return timm.create_model(model, img_size=img_size, **kwargs)
+    except TypeError as exc:
+        if "img_size" not in str(exc):
+            raise
+        return timm.create_model(model, **kwargs)  # ConvNets accept any input size
+
+
+def create_backbone(backbone: BackboneSettings, *, img_size: int) -> nn.Module:
+    """The timm feature extractor for one catalogue entry, with its declared weights."""
+    source = WeightsSource.parse(backbone.weights)
+    if source.kind == "none":
+        return _create(backbone.model, pretrained=False, img_size=img_size, overlay=None)
+    if source.kind == "file":
+        path = source.path.expanduser().resolve()
+        if not path.is_file():
+            raise WeightsUnavailableError(
+                f"backbone {backbone.model!r}: weights file {path} does not exist "
+                f"(weights: {backbone.weights}); `dvc pull` it, or use weights: none for random init")
+        return _create(backbone.model, pretrained=True, img_size=img_size, overlay={"file": str(path)})
+    try:
+        return _create(backbone.model, pretrained=True, img_size=img_size, overlay=None)
+    except (OSError, RuntimeError, ValueError) as exc:  # hub errors subclass OSError/ValueError
+        raise WeightsUnavailableError(
+            f"backbone {backbone.model!r}: cannot load timm hub weights (weights: hub): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            f"Without internet use weights: 'file:<path>' (a local checkpoint, e.g. tracked by DVC) "
+            f"or weights: 'none' (random initialisation, reported as random-init)") from exc
+
+
+class Classifier(nn.Module):
+    """Backbone features -> dropout -> linear (PROTOCOL.md head), with a freezable backbone.
+
+    ``backbone_frozen`` runs the backbone in eval mode under ``torch.no_grad`` (warm-up,
+    linear probe): its parameters get no gradients and its BatchNorm statistics stay put.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, *, dropout: float) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(backbone.num_features, num_classes))
+        self.backbone_frozen = False
+
+    def freeze_backbone(self, frozen: bool) -> None:
+        self.backbone_frozen = frozen
+        self.backbone.train(self.training and not frozen)
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        self.backbone.train(mode and not self.backbone_frozen)
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.backbone_frozen:
+            with torch.no_grad():
+                features = self.backbone(images)
+        else:
+            features = self.backbone(images)
+        return self.head(features)
+
+
+def build_classifier(backbone: BackboneSettings, *, num_classes: int, img_size: int, dropout: float) -> Classifier:
+    return Classifier(create_backbone(backbone, img_size=img_size), num_classes, dropout=dropout)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Normalisation and crop fraction as timm resolves them for a model."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float
+
+    @classmethod
+    def of(cls, model: nn.Module) -> InputSpec:
+        cfg = timm.data.resolve_model_data_config(model)
+        return cls(tuple(cfg["mean"]), tuple(cfg["std"]), float(cfg.get("crop_pct") or 0.875))
+
+    def cache_side(self, img_size: int) -> int:
+        """Side of the cached image from which training crops ``img_size`` (224 -> 256 at 0.875)."""
+        return max(img_size, round(img_size / self.crop_pct))

@@ -1,0 +1,149 @@
+"""Split manifests -> a decoded image cache -> augmented tensors (PROTOCOL.md augmentation).
+
+Manifest contract (written by the split stage): ``<splits_dir>/<task>/{train,val,test}.csv``
+with columns ``filename`` (relative to the working directory, or absolute), ``label``
+(class name) and ``group``; ``<splits_dir>/<task>/summary.json`` lists ``classes``
+(sorted; a label's index is its position there).
+
+Every image is decoded, converted to RGB (grayscale X-rays -> 3 channels) and resized
+ONCE into a uint8 tensor file per (task, split, side), keyed by the manifest's content
+hash, so epochs never reopen full-size images. Training augments those tensors in memory:
+random crop to ``img_size``, random rotation in [-d, d] degrees, horizontal flip.
+Evaluation takes the centre crop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import v2
+
+from transferbench.errors import DataError
+
+SPLITS = ("train", "val", "test")
+CACHE_FORMAT = 1  # bump when the cached layout or resizing changes
+
+
+@dataclass(frozen=True)
+class TaskManifests:
+    """The three manifests of one task and its class list."""
+
+    task: str
+    paths: dict[str, Path]
+    classes: tuple[str, ...]
+
+    def frame(self, split: str) -> pd.DataFrame:
+        return pd.read_csv(self.paths[split], dtype={"label": str})
+
+    def md5(self, split: str) -> str:
+        """DVC's hash of the manifest file (the md5 ``dvc.lock`` records for it)."""
+        return hashlib.md5(self.paths[split].read_bytes()).hexdigest()
+
+    def data_version(self) -> str:
+        """One hash for the task's split: the md5s of the three manifests and the class list."""
+        text = json.dumps({"classes": list(self.classes), **{s: self.md5(s) for s in SPLITS}}, sort_keys=True)
+        return hashlib.md5(text.encode()).hexdigest()
+
+
+def read_manifests(splits_dir: str | Path, task: str) -> TaskManifests:
+    root = Path(splits_dir) / task
+    paths = {split: root / f"{split}.csv" for split in SPLITS}
+    for path in [*paths.values(), root / "summary.json"]:
+        if not path.is_file():
+            raise DataError(f"{path}: split manifest not found (run the split stage: `dvc repro split`)")
+    try:
+        classes = tuple(json.loads((root / "summary.json").read_text())["classes"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise DataError(f"{root / 'summary.json'}: no 'classes' list ({exc})") from None
+    if len(classes) < 2:
+        raise DataError(f"{root / 'summary.json'}: 'classes' must list at least two classes, got {list(classes)}")
+    return TaskManifests(task, paths, classes)
+
+
+def _load_rgb(path: Path, side: int) -> torch.Tensor:
+    with Image.open(path) as image:
+        if image.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit / float X-rays: rescale to 8 bit
+            image = image.point(lambda v: v * (255.0 / max(image.getextrema()[1], 1))).convert("L")
+        image = ImageOps.fit(image.convert("RGB"), (side, side), method=Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def build_cache(manifests: TaskManifests, split: str, *, side: int, cache_dir: str | Path) -> Path:
+    """Decode and resize one split once; returns the cache file (reused while the manifest is unchanged)."""
+    key = hashlib.sha256(f"{CACHE_FORMAT}:{side}:{manifests.md5(split)}".encode()).hexdigest()[:16]
+    out = Path(cache_dir) / manifests.task / f"{split}-{side}px-{key}.pt"
+    if out.is_file():
+        return out
+    frame = manifests.frame(split)
+    index = {name: i for i, name in enumerate(manifests.classes)}
+    images = torch.empty((len(frame), 3, side, side), dtype=torch.uint8)
+    labels = torch.empty(len(frame), dtype=torch.int64)
+    for row, (filename, label) in enumerate(zip(frame["filename"], frame["label"], strict=True)):
+        if label not in index:
+            raise DataError(f"{manifests.paths[split]} row {row + 2}: label {label!r} is not one of the "
+                            f"classes in summary.json {list(manifests.classes)}")
+        try:
+            images[row] = _load_rgb(Path(filename), side)
+        except OSError as exc:
+            raise DataError(f"{manifests.paths[split]} row {row + 2}: cannot read image {filename}: {exc}") from None
+        labels[row] = index[label]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"images": images, "labels": labels, "filenames": list(frame["filename"])}, tmp)
+    os.replace(tmp, out)  # atomic: a concurrent reader never sees half a file
+    return out
+
+
+class CachedImages(Dataset):
+    """Cached uint8 images -> normalised float tensors, augmented when ``train``."""
+
+    def __init__(self, cache_file: str | Path, *, img_size: int, mean: Sequence[float], std: Sequence[float],
+                 train: bool, rotation_degrees: float = 0.0, hflip: bool = False) -> None:
+        blob = torch.load(cache_file, weights_only=True)
+        self.images: torch.Tensor = blob["images"]
+        self.labels: torch.Tensor = blob["labels"]
+        steps: list[v2.Transform] = []
+        if train:
+            steps.append(v2.RandomCrop(img_size))
+            if rotation_degrees:
+                steps.append(v2.RandomRotation(rotation_degrees))
+            if hflip:
+                steps.append(v2.RandomHorizontalFlip())
+        else:
+            steps.append(v2.CenterCrop(img_size))
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+        self.transform = v2.Compose(steps)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.transform(self.images[i]), self.labels[i], i
+
+
+def train_loader(dataset: CachedImages, *, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> DataLoader:
+    """Shuffled, sharded across ranks by a seeded sampler (call ``sampler.set_epoch`` each epoch).
+
+    Augmentation runs in the main process on small in-memory tensors; the last short batch
+    is dropped so BatchNorm never sees a batch of one.
+    """
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    drop_last = len(dataset) // world_size > batch_size
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=0)
+
+
+def eval_loader(dataset: CachedImages, *, batch_size: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """This rank's share of the samples (``rank::world_size``, no padding); gather to get all."""
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=0)

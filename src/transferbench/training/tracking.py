@@ -1,0 +1,223 @@
+"""Experiment tracking behind a small ``Tracker`` protocol; MLflow is one implementation.
+
+Run layout (issue #4, item 5): one parent run per study, found by its tag
+``transferbench.study`` (each dvc stage is a separate process), and one nested child run
+per (task, backbone, seed) tagged with task/backbone/family/weights/random_init/seed.
+A child run is identified by ``transferbench.run_key`` (the Ray Train run name); a run
+that is resumed after a crash reuses the run id persisted next to its Ray checkpoints,
+so recovery never leaves a second run behind.
+
+The driver creates runs and logs params/tags/dataset inputs with ``MlflowClient`` (no
+global "active run" state); the rank-0 worker attaches to the child run with
+``mlflow.start_run(run_id=..., nested=<an outer run is active>)``: under Optuna or any
+caller that already has an active run, the child is pushed on top of it and popped on
+close, never ending the caller's run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+STUDY_TAG = "transferbench.study"
+KIND_TAG = "transferbench.kind"
+RUN_KEY_TAG = "transferbench.run_key"
+
+
+class Tracker(Protocol):
+    """What the training code may log; rank 0 only."""
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_model(self, model: Any, *, input_example: Any, output_example: Any) -> str | None: ...
+    def close(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    """Records every call in memory; for tests and for ranks other than 0."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, Any] = {}
+        self.metrics: list[tuple[int | None, dict[str, float]]] = []
+        self.tags: dict[str, Any] = {}
+        self.artifacts: list[tuple[Path, str | None]] = []
+        self.models: list[Any] = []
+        self.closed_with: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.params.update(params)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.tags.update(tags)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.artifacts.append((Path(path), artifact_path))
+
+    def log_model(self, model: Any, *, input_example: Any, output_example: Any) -> str | None:
+        self.models.append(model)
+        return None
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.closed_with = status
+
+
+def resolve_tracking_uri(configured: str) -> str:
+    """$MLFLOW_TRACKING_URI, else params; a relative SQLite path is made absolute (workers may chdir)."""
+    uri = os.environ.get(TRACKING_URI_ENV) or configured
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def _clean(params: Mapping[str, Any]) -> dict[str, str]:
+    return {k: ("" if v is None else str(v))[:6000] for k, v in params.items()}
+
+
+class MlflowTracker:
+    """Attaches to an existing MLflow run (created by ``RunRegistry``) and logs into it."""
+
+    def __init__(self, *, tracking_uri: str, run_id: str, system_metrics: bool = True) -> None:
+        import mlflow
+
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(tracking_uri)
+        self.run_id = run_id
+        if system_metrics:  # sample every few seconds: short CPU runs still get system metrics
+            mlflow.set_system_metrics_sampling_interval(2)
+            mlflow.set_system_metrics_samples_before_logging(1)
+        nested = mlflow.active_run() is not None
+        self._run = mlflow.start_run(run_id=run_id, nested=nested, log_system_metrics=system_metrics)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._mlflow.log_params(_clean(params))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._mlflow.set_tags(_clean(tags))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_model(self, model: Any, *, input_example: Any, output_example: Any) -> str | None:
+        import timm
+        import torch
+        from mlflow.models import infer_signature
+
+        signature = infer_signature(input_example, output_example)
+        info = self._mlflow.pytorch.log_model(
+            model, name="model", signature=signature, input_example=input_example, serialization_format="pickle",
+            # explicit requirements: inferring them would import-scan the whole environment
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"])
+        return info.model_uri
+
+    def close(self, status: str = "FINISHED") -> None:
+        active = self._mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            self._mlflow.end_run(status=status)
+
+
+class RunRegistry:
+    """Finds or creates the study's parent run and its child runs (driver side, client API)."""
+
+    def __init__(self, *, tracking_uri: str, experiment: str, artifact_location: str | Path) -> None:
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=Path(artifact_location).resolve().as_uri())
+        else:
+            self.experiment_id = found.experiment_id
+
+    def _search(self, filter_string: str) -> list[Any]:
+        return self.client.search_runs([self.experiment_id], filter_string=filter_string,
+                                       order_by=["attributes.start_time ASC"], max_results=50)
+
+    def study_run(self, study: str) -> str:
+        """The parent run of ``study`` (created on first use)."""
+        runs = self._search(f"tags.`{STUDY_TAG}` = '{study}' and tags.`{KIND_TAG}` = 'study'")
+        if runs:
+            return runs[0].info.run_id
+        run = self.client.create_run(self.experiment_id, run_name=study,
+                                     tags={STUDY_TAG: study, KIND_TAG: "study"})
+        self.client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    def child_run(self, *, study: str, run_key: str, run_name: str, tags: Mapping[str, Any],
+                  reuse: str | None = None) -> tuple[str, bool]:
+        """(run id, reused?): ``reuse`` (a persisted run id) if that run still exists, else a new child."""
+        if reuse:
+            try:
+                run = self.client.get_run(reuse)
+                if run.info.lifecycle_stage == "active":
+                    return reuse, True
+            except Exception:  # noqa: BLE001 -- a run deleted or from another store: start a new one
+                pass
+        parent = self.study_run(study)
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
+            **_clean(tags), STUDY_TAG: study, KIND_TAG: "finetune", RUN_KEY_TAG: run_key,
+            "mlflow.parentRunId": parent})
+        return run.info.run_id, False
+
+    def keyed_run(self, *, study: str, kind: str, run_key: str, run_name: str, parent: str | None = None,
+                  tags: Mapping[str, Any] | None = None) -> str:
+        """The run tagged (study, kind, run_key), created on first use (nested under ``parent``).
+
+        Used by the sensitivity study for its parent, per-study and per-trial runs, so a rerun
+        after a crash finds the runs it had created instead of adding new ones.
+        """
+        runs = self._search(f"tags.`{STUDY_TAG}` = '{study}' and tags.`{KIND_TAG}` = '{kind}' "
+                            f"and tags.`{RUN_KEY_TAG}` = '{run_key}'")
+        if runs:
+            return runs[0].info.run_id
+        all_tags = {**_clean(tags or {}), STUDY_TAG: study, KIND_TAG: kind, RUN_KEY_TAG: run_key}
+        if parent:
+            all_tags["mlflow.parentRunId"] = parent
+        return self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float | None], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        self.client.log_batch(run_id, metrics=batch)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        fresh = [Param(k, v) for k, v in _clean(params).items() if k not in existing]
+        for i in range(0, len(fresh), 100):
+            self.client.log_batch(run_id, params=fresh[i:i + 100])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        for key, value in _clean(tags).items():
+            self.client.set_tag(run_id, key, value)
+
+    def log_manifests(self, run_id: str, frames: Mapping[str, Any], sources: Mapping[str, Path],
+                      *, task: str, digests: Mapping[str, str]) -> None:
+        """Each split manifest as an MLflow dataset input (context = split name)."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = []
+        for split, frame in frames.items():
+            dataset = mlflow.data.from_pandas(frame, source=str(sources[split]), targets="label",
+                                              name=f"{task}/{split}", digest=digests[split][:8])
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", split)]))
+        self.client.log_inputs(run_id, datasets=inputs)

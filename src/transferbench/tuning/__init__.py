@@ -1,0 +1,1 @@
+"""Optuna sensitivity studies of the fixed lr / warm-up choices (PROTOCOL.md, "Sensitivity")."""

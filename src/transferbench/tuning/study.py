@@ -1,0 +1,422 @@
+"""Optuna sensitivity studies: how much do lr and warm-up move the ranking? (PROTOCOL.md, "Sensitivity").
+
+Zhou et al. (2021, Sec. 3) fix the learning rate (1e-4) and a frozen-backbone warm-up (200
+iterations at 1e-6) by hand. One Optuna study per (task, backbone) varies exactly those three
+values -- ``lr``, ``warmup_iters``, ``warmup_lr``, ranges in params ``sensitivity.space`` --
+and keeps every other protocol value of ``finetune``, with a shorter budget
+(``sensitivity.max_epochs``). The objective is the task's val metric (``tasks.<t>.metric``)
+at the protocol's best epoch (lowest val loss); the test split is never looked at.
+
+- **Trials run in-process** through the same engine as the main study (``loop.fit``, the same
+  model builder, image cache, loaders, metrics), not one Ray TorchTrainer per trial: a
+  TorchTrainer costs ~35 s to start on a small CPU machine, more than a whole tiny trial, and
+  in-process the pruning hook sees every epoch. The val metric is reported every epoch
+  (``trial.report``); the pruner (median, Hyperband or none) stops hopeless trials.
+- **Trial 0 is the fixed protocol choice** (``finetune.lr/warmup_iters/warmup_lr``, enqueued).
+  With the default ``qmc`` sampler, configurations 1..n_trials-1 are the points of a scrambled
+  Sobol sequence (seed ``sensitivity.seed``) enqueued when the study is created, each with its
+  ``config_index``: configuration i is identical for every backbone, whatever order workers
+  run them in and however often they are killed, so backbones are compared on the same
+  hyperparameters. With ``tpe``/``random`` the sampler proposes configurations as trials start
+  (``config_index`` = trial number; not matched across backbones). Every trial starts from the
+  same seed (initialisation and data order).
+- **Storage**: RDBStorage on ``sensitivity.storage`` (default an embedded SQLite file; any
+  SQLAlchemy URL for a shared study; ``$OPTUNA_STORAGE`` overrides) with heartbeats. The study
+  name is ``<study.name>/<task>/<backbone>/<key>`` (key: hash of everything that defines the
+  study except ``n_trials``), loaded if it exists: rerunning a killed command continues it.
+  ``n_trials`` counts finished (complete + pruned) trials.
+- **Parallelism**: several Optuna worker processes on one storage (``--workers N`` spawns N on
+  this machine; the same command on other machines against one RDB URL joins the study).
+  A trial claims one of the ``n_trials`` slots when it starts, so workers together finish
+  exactly ``n_trials`` (a trial that finds no free slot, or whose configuration another trial
+  already holds, is marked FAIL with user attr ``surplus`` and never trains). A trial whose worker died is failed and re-enqueued with
+  the same parameters and ``config_index``: at once when the worker was a process on this
+  machine that no longer exists, otherwise by the storage heartbeat after ``grace_period``
+  (``RetryHeartbeatStaleTrialCallback``).
+- **MLflow**: a ``sensitivity`` parent run per study name, one ``sensitivity-study`` run per
+  (task, backbone) nested under it (holds the summary JSON), one ``sensitivity-trial`` run per
+  trial nested under that (params, per-epoch metrics, tag ``state`` COMPLETE/PRUNED/FAIL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from transferbench.config import FinetuneSettings, SensitivitySettings, Settings
+from transferbench.errors import TransferbenchError
+from transferbench.evaluation.results import higher_is_better
+from transferbench.models import InputSpec, build_classifier, effective_img_size
+from transferbench.training import loop
+from transferbench.training.data import CachedImages, build_cache, eval_loader, read_manifests, train_loader
+from transferbench.training.tracking import RunRegistry, resolve_tracking_uri
+
+# QMCSampler, heartbeats and the retry callback are marked experimental; the pins fix their behaviour.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+STORAGE_ENV = "OPTUNA_STORAGE"
+PARAMS = ("lr", "warmup_iters", "warmup_lr")
+FIXED_LABEL = "fixed protocol choice"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+SCHEMA = "transferbench.sensitivity_study/1"
+
+
+class StudyFull(TransferbenchError):
+    """Raised inside a trial that found all n_trials slots taken (the trial is marked FAIL)."""
+
+
+# --------------------------------------------------------------------------- storage, sampler, pruner
+def resolve_storage_url(configured: str) -> str:
+    """$OPTUNA_STORAGE, else params; a relative SQLite path is made absolute and its folder created."""
+    url = os.environ.get(STORAGE_ENV) or configured
+    prefix = "sqlite:///"
+    if url.startswith(prefix):
+        path = Path(url[len(prefix):])
+        path = path if path.is_absolute() else path.resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        url = prefix + str(path)
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for JSON and MLflow)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def open_storage(url: str, sensitivity: SensitivitySettings) -> optuna.storages.RDBStorage:
+    # SQLite serialises writers: several workers wait for the lock instead of failing at once.
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs=engine, heartbeat_interval=sensitivity.heartbeat_interval,
+        grace_period=sensitivity.grace_period,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+
+
+def make_sampler(sensitivity: SensitivitySettings) -> optuna.samplers.BaseSampler:
+    seed = sensitivity.seed
+    if sensitivity.sampler == "qmc":
+        return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed,
+                                          independent_sampler=optuna.samplers.RandomSampler(seed=seed))
+    if sensitivity.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def make_pruner(sensitivity: SensitivitySettings) -> optuna.pruners.BasePruner:
+    p = sensitivity.pruner
+    if p.kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+    if p.kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=sensitivity.max_epochs,
+                                              reduction_factor=p.reduction_factor)
+    return optuna.pruners.NopPruner()
+
+
+def fixed_choice(protocol: FinetuneSettings) -> dict[str, Any]:
+    """The protocol's hand-fixed values: trial 0 of every study."""
+    return {"lr": protocol.lr, "warmup_iters": protocol.warmup_iters, "warmup_lr": protocol.warmup_lr}
+
+
+def qmc_configs(sensitivity: SensitivitySettings, n: int) -> list[dict[str, Any]]:
+    """Configurations 1..n-1: scrambled Sobol points mapped onto the search space (log where asked)."""
+    from scipy.stats import qmc
+
+    space = sensitivity.space
+    with warnings.catch_warnings():  # Sobol's balance warning for n not a power of 2
+        warnings.simplefilter("ignore")
+        points = qmc.Sobol(d=3, scramble=True, seed=sensitivity.seed).random(max(n - 1, 1))[: n - 1]
+
+    def real(u: float, r: Any) -> float:
+        if r.log:
+            return float(math.exp(math.log(r.low) + u * (math.log(r.high) - math.log(r.low))))
+        return float(r.low + u * (r.high - r.low))
+
+    lo, hi = space.warmup_iters.low, space.warmup_iters.high
+    return [{"lr": real(u[0], space.lr), "warmup_iters": min(hi, lo + int(u[1] * (hi - lo + 1))),
+             "warmup_lr": real(u[2], space.warmup_lr)} for u in points]
+
+
+def study_name(settings: Settings, *, task: str, backbone: str, data_version: str) -> str:
+    """``<study.name>/<task>/<backbone>/<key>``; the key changes with anything that defines the trials."""
+    s = settings.sensitivity
+    identity = {
+        "space": dataclasses.asdict(s.space), "sampler": s.sampler, "seed": s.seed, "max_epochs": s.max_epochs,
+        "pruner": dataclasses.asdict(s.pruner), "metric": settings.task(task).metric,
+        "finetune": {k: v for k, v in dataclasses.asdict(settings.finetune).items() if k != "hyperparameters"},
+        "backbone": {k: v for k, v in dataclasses.asdict(settings.backbone(backbone)).items() if k != "tuned"},
+        "data_version": data_version,
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{settings.study.name}/{task}/{backbone}/{key}"
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reclaim_dead_trials(study: optuna.Study, storage: optuna.storages.RDBStorage) -> list[int]:
+    """Fail and re-enqueue RUNNING trials whose worker was a process on this machine that is gone.
+
+    Workers elsewhere are handled by the heartbeat (``grace_period``); here a killed local run is
+    resumed at once, its trial re-run with the same parameters and ``config_index``.
+    """
+    host, reclaimed = socket.gethostname(), []
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = str(trial.user_attrs.get("worker", ""))
+        owner_host, _, pid = owner.rpartition(":")
+        if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                retry(study, storage.get_trial(trial._trial_id))
+                reclaimed.append(trial.number)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another process reclaimed it first
+    return reclaimed
+
+
+# --------------------------------------------------------------------------- the study handle
+@dataclass(frozen=True)
+class StudyHandle:
+    """Where one (task, backbone) study lives: Optuna storage + name, MLflow runs."""
+
+    name: str
+    storage_url: str
+    tracking_uri: str
+    sensitivity_run_id: str
+    study_run_id: str
+
+
+def _registry(settings: Settings) -> RunRegistry:
+    return RunRegistry(tracking_uri=resolve_tracking_uri(settings.tracking.tracking_uri),
+                       experiment=settings.tracking.experiment, artifact_location=settings.tracking.artifact_location)
+
+
+def sensitivity_run(registry: RunRegistry, settings: Settings) -> str:
+    """The parent run of every sensitivity study of ``study.name``."""
+    name = settings.study.name
+    run_id = registry.keyed_run(study=name, kind="sensitivity", run_key=f"{name}/sensitivity",
+                                run_name=f"{name} sensitivity")
+    registry.client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def load_study(settings: Settings, handle: StudyHandle) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
+    storage = open_storage(handle.storage_url, settings.sensitivity)
+    study = optuna.load_study(study_name=handle.name, storage=storage, sampler=make_sampler(settings.sensitivity),
+                              pruner=make_pruner(settings.sensitivity))
+    return study, storage
+
+
+def prepare_study(settings: Settings, *, task: str, backbone: str) -> StudyHandle:
+    """Create (or load) the study, enqueue the fixed choice as trial 0 and find/create its MLflow runs."""
+    task_settings, entry = settings.task(task), settings.backbone(backbone)
+    manifests = read_manifests(settings.data.splits_dir, task)
+    name = study_name(settings, task=task, backbone=backbone, data_version=manifests.data_version())
+    url = resolve_storage_url(settings.sensitivity.storage)
+    storage = open_storage(url, settings.sensitivity)
+    direction = "maximize" if higher_is_better(task_settings.metric) else "minimize"
+    study = optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=True,
+                                sampler=make_sampler(settings.sensitivity), pruner=make_pruner(settings.sensitivity))
+    planned = [fixed_choice(settings.finetune)]
+    if settings.sensitivity.sampler == "qmc":
+        planned += qmc_configs(settings.sensitivity, settings.sensitivity.n_trials)
+    present = {t.user_attrs.get("config_index", t.number) for t in study.get_trials(deepcopy=False)}
+    for index, params in enumerate(planned):
+        if index not in present:  # a raised n_trials enqueues only the new configurations
+            study.enqueue_trial(params, user_attrs={"config_index": index,
+                                                    "label": FIXED_LABEL if index == 0 else "sampled"})
+    registry = _registry(settings)
+    parent = sensitivity_run(registry, settings)
+    run_id = study.user_attrs.get("mlflow_run_id")
+    if run_id is None:
+        run_id = registry.keyed_run(
+            study=settings.study.name, kind="sensitivity-study", run_key=name, run_name=f"{task}/{backbone}",
+            parent=parent, tags={"task": task, "backbone": backbone, "model": entry.model, "family": entry.family,
+                                 "weights": entry.weights, "optuna.study": name, "optuna.storage": redact(url)})
+        study.set_user_attr("mlflow_run_id", run_id)
+        registry.log_params(run_id, {
+            "task": task, "backbone": backbone, "metric": task_settings.metric, "direction": direction,
+            "sampler": settings.sensitivity.sampler, "seed": settings.sensitivity.seed,
+            "pruner": settings.sensitivity.pruner.kind, "max_epochs": settings.sensitivity.max_epochs,
+            **{f"space.{k}": json.dumps(v) for k, v in dataclasses.asdict(settings.sensitivity.space).items()},
+            **{f"fixed.{k}": v for k, v in fixed_choice(settings.finetune).items()}})
+    return StudyHandle(name=name, storage_url=url, tracking_uri=registry.tracking_uri, sensitivity_run_id=parent,
+                       study_run_id=run_id)
+
+
+# --------------------------------------------------------------------------- one trial
+def score_at_best_epoch(history: list[dict[str, float]], metric: str, best_epoch: int) -> float:
+    """The val metric at the protocol's best epoch (lowest val loss); the last epoch if none improved."""
+    by_epoch = {int(h["epoch"]): h for h in history}
+    epoch = best_epoch if best_epoch in by_epoch else max(by_epoch)
+    return float(by_epoch[epoch][f"val_{metric}"])
+
+
+class _ReportAndPrune:
+    """Epoch hook: per-epoch metrics to the trial's MLflow run, val metric to Optuna, pruning."""
+
+    def __init__(self, trial: optuna.Trial, registry: RunRegistry, run_id: str, metric: str) -> None:
+        self.trial, self.registry, self.run_id, self.metric = trial, registry, run_id, metric
+        self.pruned = False
+
+    def __call__(self, record: dict[str, float], session: loop.FitSession) -> bool:
+        epoch = int(record["epoch"])
+        self.registry.log_metrics(self.run_id, {k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+        self.trial.report(float(record[f"val_{self.metric}"]), epoch)
+        if not session.state.finished and self.trial.should_prune():
+            self.pruned = True
+            return True
+        return False
+
+
+class SensitivityObjective:
+    """Optuna objective: one short fine-tune of ``backbone`` on ``task`` per trial, in this process."""
+
+    def __init__(self, settings: Settings, handle: StudyHandle, *, task: str, backbone: str) -> None:
+        self.settings, self.handle, self.task, self.backbone = settings, handle, task, backbone
+        self.entry = settings.backbone(backbone)
+        self.metric = settings.task(task).metric
+        self.sensitivity = settings.sensitivity
+        self.base = dataclasses.replace(settings.finetune, max_epochs=self.sensitivity.max_epochs)
+        self.img_size = effective_img_size(self.entry, self.base.img_size)
+        self.manifests = read_manifests(settings.data.splits_dir, task)
+        probe = build_classifier(self.entry, num_classes=len(self.manifests.classes), img_size=self.img_size,
+                                 dropout=self.base.head_dropout)
+        spec = InputSpec.of(probe.backbone)
+        side = spec.cache_side(self.img_size)
+        caches = {s: build_cache(self.manifests, s, side=side, cache_dir=settings.data.cache_dir)
+                  for s in ("train", "val")}
+        self.train_set = CachedImages(caches["train"], img_size=self.img_size, mean=spec.mean, std=spec.std,
+                                      train=True, rotation_degrees=self.base.rotation_degrees, hflip=self.base.hflip)
+        self.val_set = CachedImages(caches["val"], img_size=self.img_size, mean=spec.mean, std=spec.std, train=False)
+        self.registry = RunRegistry(tracking_uri=handle.tracking_uri, experiment=settings.tracking.experiment,
+                                    artifact_location=settings.tracking.artifact_location)
+
+    def _claim(self, trial: optuna.Trial, index: int) -> str | None:
+        """Why this trial may not run (all n_trials slots taken, or its configuration already taken), or None."""
+        earlier = [t for t in trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+                   if t.number < trial.number]
+        if len(earlier) >= self.sensitivity.n_trials:
+            return "surplus"
+        if any(t.user_attrs.get("config_index") == index for t in earlier):
+            return "duplicate"
+        return None
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", worker_id())
+        index = int(trial.user_attrs.get("config_index", trial.number))
+        refused = self._claim(trial, index)
+        if refused:
+            trial.set_user_attr("surplus", refused)
+            if refused == "surplus":
+                trial.study.stop()
+            raise StudyFull(f"{self.handle.name}: trial {trial.number} not run ({refused})")
+        trial.set_user_attr("config_index", index)
+        space = self.sensitivity.space
+        params = {
+            "lr": trial.suggest_float("lr", space.lr.low, space.lr.high, log=space.lr.log),
+            "warmup_iters": trial.suggest_int("warmup_iters", space.warmup_iters.low, space.warmup_iters.high),
+            "warmup_lr": trial.suggest_float("warmup_lr", space.warmup_lr.low, space.warmup_lr.high,
+                                             log=space.warmup_lr.log),
+        }
+        protocol = dataclasses.replace(self.base, **params)
+        label = trial.user_attrs.get("label", "sampled")
+        study = self.settings.study.name
+        run_id = self.registry.keyed_run(
+            study=study, kind="sensitivity-trial", run_key=f"{self.handle.name}/trial{trial.number}",
+            run_name=f"{self.task}/{self.backbone}/trial{trial.number}", parent=self.handle.study_run_id,
+            tags={"task": self.task, "backbone": self.backbone, "family": self.entry.family, "state": "RUNNING",
+                  "optuna.study": self.handle.name, "optuna.trial": trial.number, "config_index": index,
+                  "label": label})
+        trial.set_user_attr("mlflow_run_id", run_id)
+        self.registry.log_params(run_id, {
+            **params, "config_index": index, "label": label, "optuna.trial": trial.number,
+            "max_epochs": protocol.max_epochs, "seed": self.sensitivity.seed, "metric": self.metric,
+            **{f"finetune.{k}": v for k, v in dataclasses.asdict(protocol).items()}})
+        hook = _ReportAndPrune(trial, self.registry, run_id, self.metric)
+        try:
+            loop.seed_everything(self.sensitivity.seed)  # every trial starts from the same weights
+            model = build_classifier(self.entry, num_classes=len(self.manifests.classes), img_size=self.img_size,
+                                     dropout=protocol.head_dropout)
+            seed = self.sensitivity.seed
+            session = loop.fit(
+                model, protocol=protocol, num_classes=len(self.manifests.classes), seed=seed, hooks=[hook],
+                train_loader=train_loader(self.train_set, batch_size=protocol.batch_size, seed=seed),
+                val_loader=eval_loader(self.val_set, batch_size=protocol.eval_batch_size))
+        except BaseException:
+            self.registry.set_tags(run_id, {"state": "FAIL"})
+            self.registry.client.set_terminated(run_id, "FAILED")
+            raise
+        state = session.state
+        score = score_at_best_epoch(state.history, self.metric, state.best_epoch)
+        attrs = {"score": score, "epochs_run": state.epoch, "best_epoch": state.best_epoch}
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        outcome = "PRUNED" if hook.pruned else "COMPLETE"
+        self.registry.log_metrics(run_id, {"score": score, "epochs_run": state.epoch, "best_epoch": state.best_epoch})
+        self.registry.set_tags(run_id, {"state": outcome})
+        self.registry.client.set_terminated(run_id, "FINISHED")
+        if hook.pruned:
+            raise optuna.TrialPruned(f"pruned after epoch {state.epoch}")
+        return score
+
+
+# --------------------------------------------------------------------------- running
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def work(settings: Settings, handle: StudyHandle, *, task: str, backbone: str) -> None:
+    """One Optuna worker: run trials until the study has n_trials finished trials."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study, storage = load_study(settings, handle)
+    reclaim_dead_trials(study, storage)
+    n_trials = settings.sensitivity.n_trials
+    if finished_count(study) >= n_trials:
+        return
+    objective = SensitivityObjective(settings, handle, task=task, backbone=backbone)
+    study.optimize(objective, catch=(StudyFull,),
+                   callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)])
+
+
+def run_workers(settings: Settings, handle: StudyHandle, *, task: str, backbone: str, workers: int,
+                params_path: str | Path) -> None:
+    """Run ``workers`` Optuna workers on the study: this process (1) or as many child processes."""
+    if workers <= 1:
+        work(settings, handle, task=task, backbone=backbone)
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "transferbench.cli", "--params", str(params_path), "sensitivity",
+               "--task", task, "--backbone", backbone, "--worker-only"]
+    children = [subprocess.Popen(command, env=env) for _ in range(workers)]
+    failed = [c.args for c in children if c.wait() != 0]
+    if failed:
+        raise TransferbenchError(f"{len(failed)} of {workers} sensitivity workers failed (see their output above)")

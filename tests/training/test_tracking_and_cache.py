@@ -1,0 +1,59 @@
+"""MLflow tracker under an already-active run (the torchtune pitfall) and the decode-once image cache."""
+
+from __future__ import annotations
+
+import os
+
+import mlflow
+import pytest
+import torch
+
+from transferbench.errors import DataError
+from transferbench.training.data import CachedImages, build_cache, read_manifests
+from transferbench.training.tracking import MlflowTracker, RunRegistry
+
+
+def test_tracker_nests_under_an_active_run_and_leaves_it_active(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    registry = RunRegistry(tracking_uri=uri, experiment="transferbench", artifact_location=tmp_path / "art")
+    child_id, reused = registry.child_run(study="s", run_key="k", run_name="c", tags={"task": "t"})
+    assert not reused and registry.child_run(study="s", run_key="k", run_name="c", tags={}, reuse=child_id) == \
+        (child_id, True)
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(experiment_id=registry.experiment_id, run_name="optuna-trial") as outer:
+        tracker = MlflowTracker(tracking_uri=uri, run_id=child_id, system_metrics=False)
+        tracker.log_metrics({"val_loss": 0.5}, step=1)
+        tracker.log_params({"lr": 1e-4})
+        tracker.close()
+        assert mlflow.active_run().info.run_id == outer.info.run_id, "closing the child ended the caller's run"
+        mlflow.log_metric("outer_metric", 1.0)
+    client = mlflow.MlflowClient(uri)
+    child = client.get_run(child_id)
+    assert child.data.metrics["val_loss"] == 0.5 and child.info.status == "FINISHED"
+    assert child.data.tags["mlflow.parentRunId"] == registry.study_run("s")
+    assert client.get_run(outer.info.run_id).data.metrics == {"outer_metric": 1.0}
+
+
+def test_images_are_decoded_once_into_a_cache_keyed_by_the_manifest(toy_splits):
+    manifests = read_manifests(toy_splits / "splits", "toy")
+    cache_dir = toy_splits / "cache_test"
+    first = build_cache(manifests, "val", side=36, cache_dir=cache_dir)
+    stamp = os.stat(first).st_mtime_ns
+    assert build_cache(manifests, "val", side=36, cache_dir=cache_dir) == first and os.stat(first).st_mtime_ns == stamp
+    assert build_cache(manifests, "val", side=40, cache_dir=cache_dir) != first
+    data = CachedImages(first, img_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, train=False)
+    image, label, index = data[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32  # grayscale PNG -> 3 channels
+    assert manifests.classes[int(label)] == manifests.frame("val")["label"][0] and index == 0
+
+
+def test_unknown_label_names_the_row(toy_splits, tmp_path):
+    import shutil
+
+    root = tmp_path / "splits"
+    shutil.copytree(toy_splits / "splits", root)
+    frame = read_manifests(root, "toy").frame("test")
+    frame.loc[3, "label"] = "purple"
+    frame.to_csv(root / "toy" / "test.csv", index=False)
+    with pytest.raises(DataError, match=r"test.csv row 5: label 'purple'"):
+        build_cache(read_manifests(root, "toy"), "test", side=36, cache_dir=tmp_path / "cache")
