@@ -38,6 +38,7 @@ def write_params(root: Path, *, tasks: Mapping[str, str], backbones: Sequence[st
         "compare": {"metrics_dir": str(root / "metrics"), "baseline": str(root / "baseline.json"),
                     "metric_tolerance": tolerance},
         "tracking": dict(tracking),
+        "sensitivity": {**params["sensitivity"], "tasks": list(tasks)[:1], "backbones": list(backbones)},
     }
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))

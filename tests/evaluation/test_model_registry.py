@@ -1,7 +1,8 @@
-"""MLflow Model Registry: registration, aliases, idempotence and load-back, on a real SQLite store.
+"""MLflow Model Registry: registration, aliases and idempotence, on a real SQLite store.
 
 Each (backbone, seed) is a real timm test_* model logged with ``mlflow.pytorch.log_model`` in
-its own run; its recorded test metrics come from evaluating it on a small generated test split.
+its own run, with designed val/test scores so the alias choices are known in advance. Load-back
+of a champion from real fine-tunes is in test_registry_loadback.py.
 """
 
 from __future__ import annotations
@@ -12,16 +13,13 @@ from pathlib import Path
 
 import mlflow
 import mlflow.pytorch
-import numpy as np
 import pytest
 import timm
 import torch
 from mlflow import MlflowClient
-from PIL import Image
 
 from study_files import metrics_record, write_params
 from transferbench.cli import main
-from transferbench.evaluation.metrics import data_config, evaluate_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -33,29 +31,13 @@ IMG_SIZE = 64  # the fine-tuning input side (params finetune.img_size in the smo
 VAL = {("test_resnet", 0): 0.70, ("test_resnet", 1): 0.60, ("test_vit", 0): 0.65, ("test_vit", 1): 0.80}
 
 
-def _write_test_split(root: Path) -> Path:
-    """A 2-class test manifest of generated PNGs (filename,label,group + summary.json)."""
-    split = root / "splits" / TASK
-    (split / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rows = ["filename,label,group"]
-    for i in range(12):
-        label = ("circle", "square")[i % 2]
-        pixels = rng.integers(0, 255, size=(40, 40, 3), dtype=np.uint8)
-        pixels[..., i % 2] = 255 if label == "square" else 0  # a learnable-looking colour cue
-        Image.fromarray(pixels).save(split / "images" / f"img{i}.png")
-        rows.append(f"images/img{i}.png,{label},g{i // 2}")
-    (split / "test.csv").write_text("\n".join(rows) + "\n")
-    (split / "summary.json").write_text(json.dumps({"classes": ["circle", "square"]}))
-    return split / "test.csv"
-
-
-def _log_finetuned(root: Path, manifest: Path, backbone: str, seed: int, val: float, experiment_id: str) -> None:
+def _log_finetuned(root: Path, backbone: str, seed: int, val: float, experiment_id: str) -> None:
     """Log one 'fine-tuned' model as training would, and write its metrics JSON."""
     torch.manual_seed(seed + 100 * len(backbone))
     model = timm.create_model(backbone, num_classes=2, **({"img_size": IMG_SIZE} if "vit" in backbone else {}))
     model.eval()  # MLflow 3's default pt2 format exports the module in its current (eval) mode
-    test = evaluate_manifest(model, manifest, config=data_config(backbone, IMG_SIZE))
+    # Designed test scores (the real engine's load-back is in test_registry_loadback.py).
+    test = {"accuracy": val - 0.05, "balanced_accuracy": val - 0.06, "macro_f1": val - 0.07}
     with mlflow.start_run(experiment_id=experiment_id) as run:
         mlflow.pytorch.log_model(model, name="model", input_example=torch.zeros(2, 3, IMG_SIZE, IMG_SIZE).numpy(),
                                  pip_requirements=["torch", "timm"])
@@ -74,18 +56,17 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     mlflow.set_tracking_uri(uri)
     try:
         experiment_id = mlflow.create_experiment("finetune", artifact_location=(root / "artifacts").as_uri())
-        manifest = _write_test_split(root)
         for (backbone, seed), val in VAL.items():
-            _log_finetuned(root, manifest, backbone, seed, val, experiment_id)
+            _log_finetuned(root, backbone, seed, val, experiment_id)
     finally:
         mlflow.set_tracking_uri(None)
-    return root, manifest, experiment_id
+    return root, experiment_id
 
 
 @pytest.fixture
 def trained(logged, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A private copy of the logged store and metrics (artifacts stay shared, read-only) and its params."""
-    root, manifest, experiment_id = logged
+    root, experiment_id = logged
     monkeypatch.chdir(tmp_path)
     shutil.copy(root / "mlruns.db", tmp_path / "mlruns.db")
     shutil.copytree(root / "metrics", tmp_path / "metrics")
@@ -95,7 +76,7 @@ def trained(logged, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     mlflow.set_registry_uri(uri)
     params = write_params(tmp_path, tasks={TASK: "accuracy"}, backbones=["test_resnet", "test_vit"], seeds=[0, 1],
                           study=STUDY, tracking_uri=uri)
-    yield params, manifest, MlflowClient(tracking_uri=uri, registry_uri=uri), experiment_id
+    yield params, MlflowClient(tracking_uri=uri, registry_uri=uri), experiment_id
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)
 
@@ -105,7 +86,7 @@ def _versions(client: MlflowClient) -> dict[str, str]:
 
 
 def test_register_sets_aliases_and_is_idempotent(trained, capsys):
-    params, manifest, client, experiment_id = trained
+    params, client, experiment_id = trained
     assert main(["--params", str(params), "register"]) == 0
     versions = _versions(client)
     assert sorted(versions.values()) == ["test_resnet", "test_vit"]  # one version per (task, backbone)
@@ -130,7 +111,7 @@ def test_register_sets_aliases_and_is_idempotent(trained, capsys):
     assert [row["created"] for row in summary] == [False, False]
 
     # a better convnet result (a new run) becomes a new version, takes the champion alias, keeps history
-    _log_finetuned(params.parent, manifest, "test_resnet", 1, 0.95, experiment_id)
+    _log_finetuned(params.parent, "test_resnet", 1, 0.95, experiment_id)
     assert main(["--params", str(params), "register"]) == 0
     after = _versions(client)
     assert len(after) == 3 and set(versions.items()) <= set(after.items())
@@ -138,19 +119,6 @@ def test_register_sets_aliases_and_is_idempotent(trained, capsys):
     assert new_champion.tags["backbone"] == "test_resnet" and new_champion.tags["seed"] == "1"
     assert client.get_model_version_by_alias(MODEL_NAME, "best-convnet").version == new_champion.version
     assert client.get_model_version_by_alias(MODEL_NAME, "best-transformer").version == champion.version
-
-
-def test_champion_loads_back_and_reproduces_its_test_metric(trained):
-    params, manifest, client, _ = trained
-    assert main(["--params", str(params), "register"]) == 0
-    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
-    model = mlflow.pytorch.load_model(f"models:/{MODEL_NAME}@champion")
-    scores = evaluate_manifest(model, manifest, config=data_config(champion.tags["model"], IMG_SIZE))
-    recorded = json.loads((params.parent / "metrics" / TASK / champion.tags["backbone"]
-                           / f"seed{champion.tags['seed']}.json").read_text())
-    for metric in ("accuracy", "balanced_accuracy", "macro_f1", "auroc"):
-        assert scores[metric] == pytest.approx(recorded[f"test_{metric}"], abs=1e-9), metric
-        assert float(champion.tags[f"test_{metric}"]) == pytest.approx(scores[metric], abs=1e-9)
 
 
 def test_register_fails_clearly_when_the_run_is_unknown(trained, capsys):

@@ -1,0 +1,66 @@
+"""Registry load-back on the real engine's output (issue #6, "Load-back").
+
+Two real fine-tunes (Ray Train, MLflow SQLite store) of a ConvNet and a Transformer on
+the toy task, then ``transferbench register`` in a fresh process (no tracking URI but
+params'), then ``models:/<study>.<task>@champion`` is loaded with
+``mlflow.pytorch.load_model`` and scored on the test manifest with the engine's own data
+path: it must reproduce the test metrics the run recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import pytest
+import yaml
+
+from training.conftest import _isolated_tracking_uri, ray_cluster, toy_params, toy_splits  # noqa: F401
+from transferbench.config import Settings, build
+from transferbench.evaluation.scoring import score_split
+from transferbench.training.finetune import run_finetune
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
+
+BACKBONES = ("test_resnet", "test_vit")
+
+
+def test_champion_loads_back_and_reproduces_its_recorded_test_metrics(toy_splits, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    raw = toy_params(toy_splits, study={"backbones": list(BACKBONES)},
+                     data={"reports_dir": str(tmp_path / "reports")},
+                     ray={"storage_path": str(tmp_path / "ray_results")},
+                     tracking={"tracking_uri": uri, "artifact_location": str(tmp_path / "mlartifacts")},
+                     compare={"metrics_dir": str(tmp_path / "metrics")})
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    settings = build(Settings, raw)
+    for backbone in BACKBONES:
+        run_finetune(settings, task="toy", backbone=backbone, seed=0, metrics_dir=tmp_path / "metrics",
+                     plots_dir=tmp_path / "plots")
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run([sys.executable, "-m", "transferbench.cli", "--params", str(params), "register"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing went to MLflow's default store
+
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name = "toy-study.toy"
+    assert len(client.search_model_versions(f"name = '{name}'")) == len(BACKBONES)
+    champion = client.get_model_version_by_alias(name, "champion")
+    recorded = json.loads((tmp_path / "metrics" / "toy" / champion.tags["backbone"] / "seed0.json").read_text())
+    assert champion.run_id == recorded["mlflow_run_id"]
+
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pytorch.load_model(f"models:/{name}@champion")
+    scores = score_split(model, splits_dir=settings.data.splits_dir, cache_dir=tmp_path / "cache", task="toy",
+                         split="test", img_size=recorded["img_size"])
+    for metric, value in scores.items():
+        assert value == pytest.approx(recorded[f"test_{metric}"], abs=1e-9), metric
