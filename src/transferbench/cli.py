@@ -214,7 +214,7 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, required=True, help="training seed")
     parser.add_argument("--workers", type=int, default=None,
                         help="override ray.num_workers (the effective value is logged to MLflow)")
-    parser.add_argument("--metrics-dir", default="metrics/finetune", help="default: %(default)s")
+    parser.add_argument("--metrics-dir", default=None, help="default: params compare.metrics_dir")
     parser.add_argument("--plots-dir", default="plots/finetune", help="default: %(default)s")
 
 
@@ -228,7 +228,8 @@ def _finetune(args: argparse.Namespace) -> int:
     settings = load_settings(args.params)
     kill = os.environ.get(KILL_AT_EPOCH_ENV)
     result = run_finetune(settings, task=args.task, backbone=args.backbone, seed=args.seed,
-                          num_workers=args.workers, metrics_dir=args.metrics_dir, plots_dir=args.plots_dir,
+                          num_workers=args.workers, metrics_dir=args.metrics_dir or settings.compare.metrics_dir,
+                          plots_dir=args.plots_dir,
                           kill_at_epoch=int(kill) if kill else None)
     print(f"{args.task}/{args.backbone}/seed{args.seed} ({result['weights_label']}): "
           f"test {result['metric']} {result['test_score']:.4f}, best epoch {result['best_epoch']}/"
