@@ -115,6 +115,17 @@ def rank_table_csv(table: dict[str, Any]) -> str:
     return out.getvalue()
 
 
+def _weights_note(table: dict[str, Any], backbone: str) -> str:
+    """'' for hub weights, else the honest label (e.g. 'none (random init)') shown beside the name."""
+    entry = table["backbones"][backbone]
+    return "" if entry["weights"] == "hub" else entry["weights_label"]
+
+
+def _title_suffix(table: dict[str, Any]) -> str:
+    notes = sorted({_weights_note(table, b) for b in table["backbones"]} - {""})
+    return f" (weights: {', '.join(notes)})" if notes else ""
+
+
 def plot_rank_heatmap(table: dict[str, Any], path: Path) -> None:
     """Tasks x backbones heat-map of ranks (1 = best, darker), backbones by average rank."""
     order = sorted(table["backbones"], key=lambda b: (table["backbones"][b]["average_rank"], b))
@@ -122,7 +133,9 @@ def plot_rank_heatmap(table: dict[str, Any], path: Path) -> None:
                          index=list(table["tasks"]))
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(order), 1.4 + 0.6 * len(ranks)))
     image = ax.imshow(ranks.to_numpy(), cmap="viridis_r", vmin=1, vmax=max(len(order), 2), aspect="auto")
-    ax.set_xticks(range(len(order)), [f"{b}\n({table['backbones'][b]['family']})" for b in order],
+    ticks = [f"{b}\n({'; '.join(filter(None, [table['backbones'][b]['family'], _weights_note(table, b)]))})"
+             for b in order]
+    ax.set_xticks(range(len(order)), ticks,
                   rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(ranks)), list(ranks.index), fontsize=8)
     for i, row in enumerate(ranks.to_numpy()):
@@ -130,7 +143,7 @@ def plot_rank_heatmap(table: dict[str, Any], path: Path) -> None:
             ax.text(j, i, _rank(value), ha="center", va="center", color="black" if value < len(order) / 2 + 1
                     else "white", fontsize=8)
     fig.colorbar(image, ax=ax, label="rank (1 = best)")
-    ax.set_title(f"Per-task rank, study {table['study']}", fontsize=9)
+    ax.set_title(f"Per-task rank, study {table['study']}{_title_suffix(table)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -153,7 +166,8 @@ def plot_cd_diagram(table: dict[str, Any], path: Path) -> None:
                 matrix.loc[a, b] = p
         ranks = pd.Series({b: table["backbones"][b]["average_rank"] for b in names})
         sp.critical_difference_diagram(ranks, matrix, alpha=sig["alpha"], cd=sig["critical_difference"], ax=ax)
-        ax.set_title(f"Average rank, Nemenyi CD = {sig['critical_difference']:.2f} (α = {sig['alpha']})",
+        ax.set_title(f"Average rank, Nemenyi CD = {sig['critical_difference']:.2f} (α = {sig['alpha']})"
+                     f"{_title_suffix(table)}",
                      fontsize=9, pad=24)
     else:
         ax.axis("off")

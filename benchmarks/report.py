@@ -1,0 +1,103 @@
+"""``reports/bench/bench.json`` -> ``bench.md``: one Markdown table per section, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from benchmarks.stats import Summary
+
+
+def _s(raw: dict[str, Any] | None, digits: int = 1, scale: float = 1.0) -> str:
+    if not raw or raw.get("median") is None:
+        return "-"
+    return Summary(raw["median"] * scale, raw["min"] * scale, raw["max"] * scale, raw["n"]).text(digits)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows), ""]
+
+
+def markdown(bench: dict[str, Any]) -> str:
+    m, c = bench["machine"], bench["config"]
+    lines = [
+        "# transferbench benchmark", "",
+        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, timm {m['timm']}, ray {m['ray']}, "
+        f"mlflow {m['mlflow']}; {bench['created']}. Mode: {c['mode']}.", "",
+        "Every figure: median [min-max] (n). Backbones are random-init (`weights: none`): throughput "
+        "does not depend on weight values.", "",
+        f"## 1-2. Training throughput: pipeline vs plain timm loop (preset(s) {', '.join(c['presets'])}, "
+        f"{c['img_size']} px, batch {c['batch_size']}, {c['threads']} threads, {c['steps']} steps/epoch, "
+        f"{c['epochs']} epochs (warm-up not counted), {c['repeats']} A/B pairs)", "",
+        f"Dense fp32 matmul ({c['matmul_size']}^2, {c['threads']} threads): "
+        f"{_s(bench['matmul']['gflops'])} GFLOP/s.", ""]
+    rows = []
+    for r in bench["training"]:
+        rows.append([r["backbone"], r["preset"], _s(r["pipeline_ips"]), _s(r["pipeline_compute_ips"]),
+                     _s(r["plain_ips"]), _s(r["ratio"], 3), f"{r['train_gflops_per_image']:.2f}",
+                     _s(r["pipeline_fraction_of_matmul"], 2), _s(r["plain_fraction_of_matmul"], 2),
+                     "yes" if r["meets_target"] else ("no" if r["preset"] == "small" else "n/a (tiny)")])
+    lines += _table(["backbone", "preset", "pipeline img/s (epoch cycle)", "pipeline img/s (loop.fit compute)",
+                     "plain img/s", "ratio pipeline/plain", "train GFLOP/img", "pipeline / matmul",
+                     "plain / matmul", ">= 0.95"], rows)
+    lines += ["## 3. Data path (cache -> augmented batch, one worker process)", ""]
+    rows = [[r["backbone"], _s(r["loader_ips"]), _s(r["consumption_ips"]), _s(r["headroom"], 1),
+             "yes" if r["meets_target"] else ("no" if r["preset"] == "small" else "n/a (tiny)")]
+            for r in bench["data_path"]]
+    lines += _table(["backbone", "loader img/s", "model consumption img/s (plain)", "headroom (x)", ">= 2x"], rows)
+    o = bench["overhead"]
+    lines += ["## 4. Pipeline overhead", ""]
+    rows = [["ray.init (fresh local cluster)", _s(o["ray_init_s"], 2)],
+            ["Ray Train worker start-up (no-op TorchTrainer)", _s(o["ray_worker_startup_s"], 2)],
+            ["MLflow store + run creation", _s(o["mlflow_setup_s"], 3)],
+            ["one pipeline fine-tune: wall (fit_on_ray)", _s(o["finetune_wall_s"], 1)],
+            ["one pipeline fine-tune: compute (sum of epoch_seconds)", _s(o["finetune_compute_s"], 1)],
+            ["one pipeline fine-tune: setup + teardown (wall - compute)", _s(o["finetune_setup_s"], 1)]]
+    noop = o["dvc_noop"]
+    rows.append(["no-op `dvc repro` (target < 3 s)", _s(noop["seconds"], 2) if "seconds" in noop
+                 else f"not measured: {noop['not_measured']}"])
+    smoke = o["smoke_study"]
+    if "wall_seconds" in smoke:
+        rows += [["CI smoke study `dvc repro`: wall", f"{smoke['wall_seconds']:.0f} s"],
+                 ["CI smoke study: compute (sum of epoch_seconds)", f"{smoke['compute_seconds']:.0f} s"],
+                 ["CI smoke study: setup (wall - compute)", f"{smoke['setup_seconds']:.0f} s"],
+                 ["CI smoke study: peak RSS of the process tree", f"{smoke['peak_tree_rss_bytes'] / 2**30:.2f} GiB"]]
+    else:
+        rows.append(["CI smoke study", f"not measured: {smoke['not_measured']}"])
+    lines += _table(["what", "seconds (or as stated)"], rows)
+    lines += [f"Ray worker saw: {o['ray_worker_view']}.", ""]
+    s = bench["scaling"]
+    lines += [f"## 5. Scaling on this machine ({s['backbone']}, pipeline path, 1 CPU per worker)", ""]
+    rows = [[str(r["num_workers"]), str(r["cpus_per_worker"]), _s(r["images_per_s"]),
+             _s(r["speedup"], 2) if r.get("speedup") else "1.00"] for r in s["runs"]]
+    lines += _table(["workers", "CPUs/worker", "img/s (epoch cycle)", "speed-up vs 1 worker"], rows)
+    g = bench["gpu"]
+    lines += ["## 5. GPU ceiling (bf16)", ""]
+    if "skipped" in g:
+        lines += [f"Skipped: {g['skipped']}.", ""]
+    else:
+        lines += [f"{g['device']}; dense bf16 matmul: {_s(g['bf16_matmul_tflops'])} TFLOP/s.", ""]
+        rows = [[r["backbone"], str(r["batch"]), "yes" if r["compile"] else "no", _s(r["images_per_s"]),
+                 f"{r['train_gflops_per_image']:.1f}", _s(r["achieved_tflops"]), _s(r["fraction_of_matmul"], 2)]
+                for r in g["models"]]
+        lines += _table(["model", "batch", "torch.compile", "img/s", "train GFLOP/img", "TFLOP/s",
+                         "fraction of matmul"], rows)
+    lines += ["## Notes", "", *[f"- {n}" for n in bench["notes"]], ""]
+    return "\n".join(lines)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write(bench: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    json_path, md_path = out_dir / "bench.json", out_dir / "bench.md"
+    write_atomic(json_path, json.dumps(bench, indent=2) + "\n")
+    write_atomic(md_path, markdown(bench))
+    return json_path, md_path

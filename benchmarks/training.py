@@ -1,0 +1,262 @@
+"""Training throughput: the pipeline's Ray Train worker vs a plain timm loop, FLOPs and the data path.
+
+What is measured (issue #8, items 1-3 and the CPU half of 5):
+
+- ``run_pipeline``: the engine's own code path, unchanged: ``fit_on_ray`` -> ``train_worker``
+  (TorchTrainer worker, ``CachedImages`` + ``train_loader``, ``loop.fit``, the MLflow tracker
+  with system metrics, a Ray checkpoint every epoch, the model logged at the end). Throughput
+  of epoch k is read back from the run's own MLflow record: the interval between the
+  ``train_loss`` timestamps of epochs k-1 and k covers epoch k's training steps, its (tiny)
+  validation pass, epoch k-1's checkpoint and the MLflow logging, i.e. the whole steady-state
+  cycle. Epochs 1-2 (allocator warm-up, the first checkpoint) are never counted in the cycle
+  figure, epoch 1 not in the compute figure; Ray start-up is reported apart.
+- ``run_plain``: what a user writes by hand: ``timm.create_model`` with the same head, Adam,
+  label-smoothed cross-entropy, a shuffled ``DataLoader`` over the same cached uint8 images with
+  the same augmentation, ``torch.set_num_threads`` = the worker's CPUs; timed per epoch.
+- ``train_flops_per_image``: ``torch.utils.flop_counter.FlopCounterMode`` over one forward +
+  backward of the engine's classifier, divided by the batch size.
+- ``matmul_rate``: dense float32 ``torch.mm`` FLOP/s with the same thread count (the ceiling).
+- ``loader_rate``: images/s of ``train_loader`` over ``CachedImages`` alone (cache -> augmented
+  float tensors), the data path each worker runs in its own process before every step.
+
+Backbones are built with ``weights: none`` (random initialisation): throughput does not depend
+on the weights' values, and the benchmark must run offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from transferbench.config import BackboneSettings, FinetuneSettings
+from transferbench.models import InputSpec, build_classifier
+from transferbench.training.data import SPLITS, CachedImages, build_cache, read_manifests, train_loader
+from transferbench.training.ray_trainer import WorkerSpec, fit_on_ray
+from transferbench.training.tracking import RunRegistry
+
+TASK = "bench"
+CLASSES = ("bright", "dark")
+STUDY = "benchmark"
+
+
+def write_task(root: Path, *, n_train: int, n_eval: int, side: int, distinct: int = 64) -> Path:
+    """Manifests + PNGs of a two-class task in the split stage's format; returns the splits dir.
+
+    ``distinct`` PNGs are written and reused across rows (the cache decodes every row anyway).
+    """
+    rng = np.random.default_rng(0)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(distinct):
+        base = 170 if i % 2 == 0 else 85
+        pixels = np.clip(rng.normal(base, 40, size=(side, side, 3)), 0, 255).astype(np.uint8)
+        path = images / f"{i:03d}.png"
+        Image.fromarray(pixels).save(path)
+        files.append((str(path), CLASSES[i % 2]))
+    task_dir = root / "splits" / TASK
+    task_dir.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_eval), ("test", n_eval)):
+        rows = [{"filename": files[i % distinct][0], "label": files[i % distinct][1], "group": f"g{i}"}
+                for i in range(n)]
+        pd.DataFrame(rows).to_csv(task_dir / f"{split}.csv", index=False)
+    (task_dir / "summary.json").write_text(json.dumps({"classes": sorted(CLASSES)}))
+    return root / "splits"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One backbone's training set-up, shared by the pipeline and the plain loop."""
+
+    name: str
+    entry: BackboneSettings
+    protocol: FinetuneSettings
+    img_size: int
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    cache_files: dict[str, str]
+    filenames: dict[str, tuple[str, ...]]
+
+
+def prepare(name: str, entry: BackboneSettings, protocol: FinetuneSettings, *, splits_dir: Path,
+            cache_dir: Path) -> Workload:
+    """Random-init backbone, timm's input spec and the decoded cache, as ``run_finetune`` builds them."""
+    entry = dataclasses.replace(entry, weights="none", img_size=None)  # --img-size applies to all
+    manifests = read_manifests(splits_dir, TASK)
+    probe = build_classifier(entry, num_classes=len(manifests.classes), img_size=protocol.img_size,
+                             dropout=protocol.head_dropout)
+    spec_in = InputSpec.of(probe.backbone)
+    side = spec_in.cache_side(protocol.img_size)
+    caches = {s: str(build_cache(manifests, s, side=side, cache_dir=cache_dir).resolve()) for s in SPLITS}
+    filenames = {s: tuple(str(f) for f in manifests.frame(s)["filename"]) for s in SPLITS}
+    return Workload(name, entry, protocol, protocol.img_size, manifests.classes, spec_in.mean, spec_in.std,
+                    caches, filenames)
+
+
+def train_dataset(work: Workload) -> CachedImages:
+    p = work.protocol
+    return CachedImages(work.cache_files["train"], img_size=work.img_size, mean=work.mean, std=work.std,
+                        train=True, rotation_degrees=p.rotation_degrees, hflip=p.hflip)
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """One ``fit_on_ray`` run: steady-state epochs only (warm-up epochs excluded)."""
+
+    cycle_ips: list[float]  # images/s over the whole epoch cycle (train + val + checkpoint + MLflow)
+    compute_ips: list[float]  # images/s over loop.fit's own epoch_seconds (train + val)
+    wall_s: float  # fit_on_ray, worker start-up and model logging included
+    compute_s: float  # sum of every epoch's epoch_seconds
+    mlflow_setup_s: float  # RunRegistry (store) + child run creation
+
+
+def run_pipeline(work: Workload, *, root: Path, tracking_uri: str, num_workers: int, cpus_per_worker: float,
+                 system_metrics: bool, log_model: bool) -> PipelineRun:
+    """Train ``work`` through the engine's Ray Train path and read its epochs back from MLflow."""
+    from mlflow import MlflowClient
+
+    started = time.perf_counter()
+    registry = RunRegistry(tracking_uri=tracking_uri, experiment="transferbench-bench",
+                           artifact_location=root / "mlartifacts")
+    run_name = f"{TASK}.{work.name}.w{num_workers}.{uuid.uuid4().hex[:8]}"
+    run_id, _ = registry.child_run(study=STUDY, run_key=run_name, run_name=run_name,
+                                   tags={"backbone": work.name, "weights_label": "random-init"})
+    mlflow_setup = time.perf_counter() - started
+    storage = (root / "ray_results").resolve()
+    run_dir = storage / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = WorkerSpec(
+        task=TASK, backbone_name=work.name, backbone=work.entry, protocol=work.protocol, classes=work.classes,
+        seed=0, img_size=work.img_size, mean=work.mean, std=work.std, cache_files=work.cache_files,
+        filenames=work.filenames, run_dir=str(run_dir), tracking_uri=tracking_uri, mlflow_run_id=run_id,
+        system_metrics=system_metrics, log_model=log_model, use_gpu=False)
+    started = time.perf_counter()
+    final = fit_on_ray(spec, run_name=run_name, storage_path=str(storage), num_workers=num_workers,
+                       use_gpu=False, cpus_per_worker=cpus_per_worker, max_failures=0, checkpoints_to_keep=1)
+    wall = time.perf_counter() - started
+    history = final["history"]
+    batch = work.protocol.batch_size * num_workers
+    steps = [int(r["step"]) for r in history]
+    images = [batch * (b - a) for a, b in zip([0, *steps[:-1]], steps, strict=True)]
+    stamps = sorted(MlflowClient(tracking_uri).get_metric_history(run_id, "train_loss"), key=lambda m: m.step)
+    times = [m.timestamp / 1000.0 for m in stamps]
+    # Cycles from epoch 3 on: epoch 2's interval also holds the first checkpoint (Ray storage set-up).
+    cycle = [images[k] / (times[k] - times[k - 1]) for k in range(2, len(times)) if times[k] > times[k - 1]]
+    compute = [images[k] / history[k]["epoch_seconds"] for k in range(1, len(history))]
+    return PipelineRun(cycle, compute, wall, sum(r["epoch_seconds"] for r in history), mlflow_setup)
+
+
+def create_plain_model(work: Workload) -> torch.nn.Module:
+    """The model a hand-written script would build: timm's own head (dropout + linear)."""
+    import timm
+
+    kwargs = {"pretrained": False, "num_classes": len(work.classes), "drop_rate": work.protocol.head_dropout}
+    try:
+        return timm.create_model(work.entry.model, img_size=work.img_size, **kwargs)
+    except TypeError:  # ConvNets take any input size and no img_size argument
+        return timm.create_model(work.entry.model, **kwargs)
+
+
+def run_plain(work: Workload, *, threads: int, epochs: int) -> list[float]:
+    """Images/s of each epoch after the first of a minimal timm + PyTorch training loop."""
+    from torch.utils.data import DataLoader
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    p = work.protocol
+    model = create_plain_model(work).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=p.lr, betas=tuple(p.adam_betas), weight_decay=p.weight_decay)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
+    data = DataLoader(train_dataset(work), batch_size=p.batch_size, shuffle=True, drop_last=True)
+    rates = []
+    for epoch in range(epochs):
+        started, seen = time.perf_counter(), 0
+        for images, targets, _ in data:
+            loss = loss_fn(model(images), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(targets)
+        if epoch:
+            rates.append(seen / (time.perf_counter() - started))
+    return rates
+
+
+def train_flops_per_image(work: Workload, *, batch: int = 4) -> float:
+    """FLOPs of one training step (forward + backward) of the engine's classifier, per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_classifier(work.entry, num_classes=len(work.classes), img_size=work.img_size,
+                             dropout=work.protocol.head_dropout).train()
+    images = torch.randn(batch, 3, work.img_size, work.img_size)
+    targets = torch.arange(batch) % len(work.classes)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        torch.nn.functional.cross_entropy(model(images), targets).backward()
+    return counter.get_total_flops() / batch
+
+
+def matmul_rate(*, threads: int, size: int, repeats: int, dtype: torch.dtype = torch.float32,
+                device: str = "cpu") -> list[float]:
+    """FLOP/s of a dense ``size`` x ``size`` matmul, one value per repeat (after one warm-up)."""
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    per_repeat = 1 if device == "cpu" else 20
+    rates = []
+    for i in range(repeats + 1):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(per_repeat):
+            torch.mm(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        if i:
+            rates.append(per_repeat * 2 * size**3 / (time.perf_counter() - started))
+    return rates
+
+
+def loader_rate(work: Workload, *, threads: int, passes: int) -> list[float]:
+    """Images/s of the training data path alone: cached uint8 -> crop/rotate/flip -> normalised batch."""
+    torch.set_num_threads(threads)
+    loader = train_loader(train_dataset(work), batch_size=work.protocol.batch_size, seed=0)
+    rates = []
+    for epoch in range(passes + 1):
+        loader.sampler.set_epoch(epoch)
+        started, seen = time.perf_counter(), 0
+        for images, _, _ in loader:
+            seen += len(images)
+        if epoch:
+            rates.append(seen / (time.perf_counter() - started))
+    return rates
+
+
+def alternate(work: Workload, *, repeats: int, epochs: int, threads: int, cpus_per_worker: float, root: Path,
+              tracking_uri: str, system_metrics: bool, log_model: bool) -> tuple[list[PipelineRun], list[list[float]]]:
+    """Pipeline and plain loop alternated A B A B in this process; ``repeats`` pairs."""
+    pipeline, plain = [], []
+    for _ in range(repeats):
+        pipeline.append(run_pipeline(work, root=root, tracking_uri=tracking_uri, num_workers=1,
+                                     cpus_per_worker=cpus_per_worker, system_metrics=system_metrics,
+                                     log_model=log_model))
+        plain.append(run_plain(work, threads=threads, epochs=epochs))
+    return pipeline, plain
+
+
+def pair_ratios(pipeline: Sequence[PipelineRun], plain: Sequence[Sequence[float]]) -> list[float]:
+    """Per A/B pair: pipeline cycle images/s (median of its epochs) / plain images/s (median)."""
+    return [float(np.median(a.cycle_ips)) / float(np.median(b)) for a, b in zip(pipeline, plain, strict=True)
+            if a.cycle_ips and b]
