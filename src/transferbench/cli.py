@@ -289,13 +289,19 @@ def _sensitivity_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --help lists the stages in the order the pipeline runs them.
+PIPELINE_ORDER = ("fetch", "generate", "split", "validate", "finetune", "sensitivity", "sensitivity-report",
+                  "register", "compare", "check-params")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transferbench",
         description="Reproducible ConvNets-vs-Transformers transfer study (DVC, Ray Train, MLflow, Optuna).")
     parser.add_argument("--params", default="params.yaml", help="path to params.yaml (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
-    for name, (help_text, arguments, run) in COMMANDS.items():
+    for name in sorted(COMMANDS, key=lambda n: PIPELINE_ORDER.index(n) if n in PIPELINE_ORDER else len(PIPELINE_ORDER)):
+        help_text, arguments, run = COMMANDS[name]
         child = sub.add_parser(name, help=help_text, description=help_text)
         arguments(child)
         child.set_defaults(run=run)
