@@ -30,6 +30,7 @@ import pandas as pd
 from transferbench.config import BackboneSettings
 from transferbench.evaluation.results import FinetuneResult, higher_is_better
 from transferbench.evaluation.significance import friedman_nemenyi
+from transferbench.models.backbones import WeightsSource
 
 SCHEMA = "transferbench.rank_table/1"
 RANK_METHOD = "average"
@@ -38,11 +39,7 @@ RANK_DECIMALS = 12
 
 def weights_label(weights: str) -> str:
     """An honest label for where a backbone's initial weights came from."""
-    if weights == "hub":
-        return "hub (timm pretrained)"
-    if weights == "none":
-        return "none (random init)"
-    return f"{weights} (local checkpoint)"
+    return WeightsSource.parse(weights).description
 
 
 def rank_scores(means: Mapping[str, float], *, higher_better: bool) -> dict[str, float]:

@@ -60,6 +60,13 @@ class WeightsSource:
         """What reports print next to a result: pretrained source or 'random-init'."""
         return "random-init" if self.random_init else ("hub-pretrained" if self.kind == "hub" else "file-pretrained")
 
+    @property
+    def description(self) -> str:
+        """The long form for tables and plots, e.g. 'none (random init)'."""
+        if self.kind == "file":
+            return f"file:{self.path} (local checkpoint)"
+        return "hub (timm pretrained)" if self.kind == "hub" else "none (random init)"
+
 
 def effective_img_size(backbone: BackboneSettings, protocol_img_size: int) -> int:
     """The catalogue's per-backbone input size, else the protocol's ``finetune.img_size``."""
