@@ -42,6 +42,7 @@ from typing import Any
 from transferbench.config import Settings
 from transferbench.models import InputSpec, WeightsSource, build_classifier, effective_img_size
 from transferbench.training.data import SPLITS, build_cache, read_manifests
+from transferbench.data.atomic import write_text
 from transferbench.training.metrics import write_curve_csv
 from transferbench.training.ray_trainer import WorkerSpec, fit_on_ray
 from transferbench.training.tracking import RunRegistry, resolve_tracking_uri
@@ -123,7 +124,7 @@ def run_finetune(settings: Settings, *, task: str, backbone: str, seed: int, num
             "transferbench.hyperparameters": protocol.hyperparameters}
     run_id, reused = registry.child_run(study=settings.study.name, run_key=run_name,
                                         run_name=f"{task}/{backbone}/seed{seed}", tags=tags, reuse=previous)
-    persisted.write_text(json.dumps({"run_id": run_id}))
+    write_text(persisted, json.dumps({"run_id": run_id}))
     parent_id = registry.study_run(settings.study.name)
     registry.log_params(run_id, {
         **{f"finetune.{k}": v for k, v in dataclasses.asdict(protocol).items()},
@@ -169,9 +170,7 @@ def run_finetune(settings: Settings, *, task: str, backbone: str, seed: int, num
         "mlflow_run_id": run_id, "mlflow_parent_run_id": parent_id, "data_version": data_version,
         "git_commit": commit, "ray_run_name": run_name,
     }
-    out = metrics_path(metrics_dir, task, backbone, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text(metrics_path(metrics_dir, task, backbone, seed), json.dumps(result, indent=2) + "\n")
     write_curve_csv(final["history"], curve_path(plots_dir, task, backbone, seed))
     registry.client.log_metric(run_id, "train_seconds", result["train_seconds"])
     (run_dir / COMPLETED_FILE).write_text(run_id + "\n")

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
+from transferbench.data.atomic import atomic_path
+
 METRIC_NAMES = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 
 
@@ -82,9 +84,8 @@ CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accur
 
 
 def write_curve_csv(history: Sequence[Mapping[str, float]], path: Path) -> Path:
-    """Per-epoch learning curve for ``dvc plots`` (columns CURVE_COLUMNS)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    """Per-epoch learning curve for ``dvc plots`` (columns CURVE_COLUMNS), written atomically."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CURVE_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
