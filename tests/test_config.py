@@ -103,3 +103,19 @@ def test_missing_file_and_bad_yaml_are_clear(tmp_path: Path) -> None:
     bad.write_text("study: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_settings(bad)
+
+
+def test_elastic_worker_range_and_placement_strategy(tmp_path: Path, raw: dict) -> None:
+    assert load_settings(_write(tmp_path, raw)).ray.scaling_workers == raw["ray"]["num_workers"]
+    raw["ray"].update(num_workers=4, min_workers=2, placement_strategy="SPREAD")
+    settings = load_settings(_write(tmp_path, raw))
+    assert settings.ray.scaling_workers == (2, 4) and settings.ray.placement_strategy == "SPREAD"
+    raw["ray"]["min_workers"] = 5
+    with pytest.raises(ConfigError, match=r"ray\.min_workers.*more than ray\.num_workers \(4\)"):
+        load_settings(_write(tmp_path, raw))
+    raw["ray"].update(min_workers=0)
+    with pytest.raises(ConfigError, match=r"ray\.min_workers.*out of range"):
+        load_settings(_write(tmp_path, raw))
+    raw["ray"].update(min_workers=None, placement_strategy="RANDOM")
+    with pytest.raises(ConfigError, match=r"ray\.placement_strategy.*'PACK', 'SPREAD'"):
+        load_settings(_write(tmp_path, raw))

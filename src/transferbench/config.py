@@ -356,6 +356,7 @@ class FinetuneSettings:
     rotation_degrees: float = bounded(30.0, ge=0, le=180)
     hflip: bool = True
     img_size: int = bounded(224, ge=16)
+    # The global batch: with N Ray Train workers each takes batch_size // N.
     batch_size: int = bounded(32, ge=1)
     # Batch size for val/test inference (no gradients, so it can be larger).
     eval_batch_size: int = bounded(64, ge=1)
@@ -375,6 +376,12 @@ class RaySettings:
     # null: start a local cluster (or honour RAY_ADDRESS); otherwise e.g. "ray://host:10001" or "auto".
     address: str | None = None
     num_workers: int = bounded(1, ge=1)
+    # Elastic training: null = exactly num_workers; otherwise Ray Train runs with between
+    # min_workers and num_workers workers, so a run that loses a node goes on with fewer.
+    min_workers: int | None = bounded(None, ge=1)
+    # Placement group strategy of the workers: PACK fills a node first, SPREAD prefers
+    # different nodes, STRICT_* insist (Ray's placement-group strategies).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     use_gpu: bool = False
     cpus_per_worker: float = bounded(1.0, gt=0)
     max_failures: int = bounded(2, ge=-1)
@@ -385,6 +392,18 @@ class RaySettings:
     # On GPU only: bf16 autocast, and channels-last memory format for ConvNets.
     mixed_precision: bool = True
     channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ConfigError(f"params key 'ray.min_workers': {self.min_workers} is more than "
+                              f"ray.num_workers ({self.num_workers})")
+
+    @property
+    def scaling_workers(self) -> int | tuple[int, int]:
+        """``ScalingConfig.num_workers``: a fixed count, or (min, max) for elastic training."""
+        if self.min_workers is None or self.min_workers == self.num_workers:
+            return self.num_workers
+        return (self.min_workers, self.num_workers)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ Outputs, read by ``dvc metrics show`` / ``dvc plots show`` and by the rank table
               (auroc: binary tasks only, null otherwise), computed with the best-val-loss weights
   training    best_epoch, epochs_run, best_val_loss, stop_reason (early_stop | max_epochs | hook),
               resumed_at_epochs (list; non-empty when the run recovered from a checkpoint),
+              world_size and ray_nodes (workers and distinct Ray nodes of the final attempt),
               train_seconds
   provenance  mlflow_run_id, mlflow_parent_run_id, data_version (hash of the split manifests),
               git_commit, ray_run_name
@@ -85,7 +86,10 @@ def run_finetune(settings: Settings, *, task: str, backbone: str, seed: int, num
     entry = settings.backbone(backbone)
     task_settings = settings.task(task)
     protocol = settings.finetune_for(backbone)  # paper values, or the backbone's tuned lr/warm-up
-    ray_settings = settings.ray if num_workers is None else dataclasses.replace(settings.ray, num_workers=num_workers)
+    ray_settings = settings.ray
+    if num_workers is not None:  # --workers N: N workers (elastic down to min(min_workers, N) if set)
+        floor = None if ray_settings.min_workers is None else min(ray_settings.min_workers, num_workers)
+        ray_settings = dataclasses.replace(ray_settings, num_workers=num_workers, min_workers=floor)
     weights = WeightsSource.parse(entry.weights)
     img_size = effective_img_size(entry, protocol.img_size)
 
@@ -150,9 +154,11 @@ def run_finetune(settings: Settings, *, task: str, backbone: str, seed: int, num
         kill_at_epoch=kill_at_epoch, kill_rank=kill_rank)
     _ray_init(ray_settings.address)
     try:
-        final = fit_on_ray(spec, run_name=run_name, storage_path=str(storage), num_workers=ray_settings.num_workers,
-                           use_gpu=ray_settings.use_gpu, cpus_per_worker=ray_settings.cpus_per_worker,
-                           max_failures=ray_settings.max_failures, checkpoints_to_keep=ray_settings.checkpoints_to_keep)
+        final = fit_on_ray(spec, run_name=run_name, storage_path=str(storage),
+                           num_workers=ray_settings.scaling_workers, use_gpu=ray_settings.use_gpu,
+                           cpus_per_worker=ray_settings.cpus_per_worker, max_failures=ray_settings.max_failures,
+                           checkpoints_to_keep=ray_settings.checkpoints_to_keep,
+                           placement_strategy=ray_settings.placement_strategy)
     except Exception:
         registry.client.set_terminated(run_id, "FAILED")
         raise
@@ -166,6 +172,7 @@ def run_finetune(settings: Settings, *, task: str, backbone: str, seed: int, num
         "val_score": final.get(f"val_{task_settings.metric}"), "test_score": final.get(f"test_{task_settings.metric}"),
         **{f"{split}_{m}": final.get(f"{split}_{m}") for split in ("val", "test") for m in METRIC_KEYS},
         **{k: final[k] for k in ("best_epoch", "epochs_run", "best_val_loss", "stop_reason", "resumed_at_epochs")},
+        "world_size": final["world_size"], "ray_nodes": len(set(final["worker_nodes"])),
         "train_seconds": round(time.perf_counter() - started, 2),
         "mlflow_run_id": run_id, "mlflow_parent_run_id": parent_id, "data_version": data_version,
         "git_commit": commit, "ray_run_name": run_name,

@@ -77,6 +77,11 @@ def checkpoint_name(epoch: int) -> str:
     return f"epoch_{epoch:04d}"
 
 
+def per_worker_batch(global_batch: int, world_size: int) -> int:
+    """Each worker's share of the global batch (at least 1; the remainder of an uneven split is dropped)."""
+    return max(1, global_batch // world_size)
+
+
 def _gather(obj: Any) -> list[Any]:
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return [obj]
@@ -139,6 +144,7 @@ def _load_state(directory: str | Path) -> dict[str, Any]:
 
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -167,14 +173,19 @@ def train_worker(config: dict[str, Any]) -> None:
     # Warm-up freezes the backbone for some iterations: DDP must tolerate unused parameters.
     ddp_kwargs = {"find_unused_parameters": True} if protocol.mode == "full" and protocol.warmup_iters else None
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
+    # Which Ray node each rank runs on (rank order), for the run's record: on a cluster the
+    # workers of one run may sit on different machines, and change after a node is lost.
+    nodes = [str(n) for n in _gather(ray.get_runtime_context().get_node_id())]
 
     def dataset(split: str, train: bool) -> CachedImages:
         return CachedImages(spec.cache_files[split], img_size=spec.img_size, mean=spec.mean, std=spec.std,
                             train=train, rotation_degrees=protocol.rotation_degrees, hflip=protocol.hflip)
 
     prepare = ray.train.torch.prepare_data_loader
-    train = prepare(train_loader(dataset("train", True), batch_size=protocol.batch_size, seed=spec.seed,
-                                 rank=rank, world_size=world), add_dist_sampler=False)
+    # finetune.batch_size is the global batch (the paper's 32): each of the N workers takes 1/N of it,
+    # so N workers take the same optimiser steps per epoch, and warm-up iterations mean the same.
+    train = prepare(train_loader(dataset("train", True), batch_size=per_worker_batch(protocol.batch_size, world),
+                                 seed=spec.seed, rank=rank, world_size=world), add_dist_sampler=False)
     val = prepare(eval_loader(dataset("val", False), batch_size=protocol.eval_batch_size, rank=rank,
                               world_size=world), add_dist_sampler=False)
     test = prepare(eval_loader(dataset("test", False), batch_size=protocol.eval_batch_size, rank=rank,
@@ -197,7 +208,7 @@ def train_worker(config: dict[str, Any]) -> None:
                            resume=resume, gather=_gather, rank=rank, autocast=autocast,
                            channels_last=channels_last)
         _finish(spec, session, model, val=val, test=test, device=device, rank=rank, tracker=tracker,
-                autocast=autocast, channels_last=channels_last)
+                autocast=autocast, channels_last=channels_last, nodes=nodes)
     except BaseException:
         tracker.close("FAILED")
         raise
@@ -206,7 +217,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
 def _finish(spec: WorkerSpec, session: loop.FitSession, model: torch.nn.Module, *, val: Any, test: Any,
             device: torch.device, rank: int, tracker: Any, autocast: torch.dtype | None,
-            channels_last: bool) -> None:
+            channels_last: bool, nodes: list[str]) -> None:
     """Best weights -> val/test metrics, figures, predictions and the model, logged by rank 0."""
     import ray.train
 
@@ -225,7 +236,7 @@ def _finish(spec: WorkerSpec, session: loop.FitSession, model: torch.nn.Module, 
     final: dict[str, Any] = {
         "best_epoch": state.best_epoch, "epochs_run": state.epoch, "best_val_loss": state.best_val_loss,
         "stop_reason": state.stop_reason, "resumed_at_epochs": list(state.resumed_at_epochs),
-        "history": state.history,
+        "history": state.history, "world_size": len(nodes), "worker_nodes": nodes,
     }
     for split, (_, _, values) in outputs.items():
         final.update({f"{split}_{k}": v for k, v in values.items()})
@@ -244,7 +255,9 @@ def _log_outcome(spec: WorkerSpec, final: dict[str, Any], outputs: dict[str, Any
                          if k.startswith(("val_", "test_")) and isinstance(v, float)})
     tracker.log_metrics({"best_epoch": final["best_epoch"], "epochs_run": final["epochs_run"]})
     tracker.set_tags({"transferbench.stop_reason": final["stop_reason"],
-                      "transferbench.resumed_at_epochs": ",".join(map(str, final["resumed_at_epochs"])) or "-"})
+                      "transferbench.resumed_at_epochs": ",".join(map(str, final["resumed_at_epochs"])) or "-",
+                      "transferbench.world_size": final["world_size"],
+                      "transferbench.ray_nodes": len(set(final["worker_nodes"]))})
     title = (f"{spec.task} / {spec.backbone_name} ({spec.backbone.family}, weights: {spec.backbone.weights}"
              f"{', RANDOM INIT' if spec.backbone.weights == 'none' else ''}) seed {spec.seed}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -269,9 +282,14 @@ def _log_outcome(spec: WorkerSpec, final: dict[str, Any], outputs: dict[str, Any
         tracker.log_model(cpu_model, input_example=example, output_example=output)
 
 
-def fit_on_ray(spec: WorkerSpec, *, run_name: str, storage_path: str, num_workers: int, use_gpu: bool,
-               cpus_per_worker: float, max_failures: int, checkpoints_to_keep: int) -> dict[str, Any]:
-    """Run ``train_worker`` under a TorchTrainer; returns the rank-0 outcome (``final.json``)."""
+def fit_on_ray(spec: WorkerSpec, *, run_name: str, storage_path: str, num_workers: int | tuple[int, int],
+               use_gpu: bool, cpus_per_worker: float, max_failures: int, checkpoints_to_keep: int,
+               placement_strategy: str = "PACK") -> dict[str, Any]:
+    """Run ``train_worker`` under a TorchTrainer; returns the rank-0 outcome (``final.json``).
+
+    ``num_workers``: a fixed count, or ``(min, max)`` for Ray Train's elastic training (a run
+    that loses a node restarts from its last checkpoint with the workers that still fit).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -279,7 +297,8 @@ def fit_on_ray(spec: WorkerSpec, *, run_name: str, storage_path: str, num_worker
         train_worker,
         train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
+                                     resources_per_worker={"CPU": cpus_per_worker},
+                                     placement_strategy=placement_strategy),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),

@@ -78,6 +78,19 @@ def resolve_tracking_uri(configured: str) -> str:
     return uri
 
 
+def experiment_artifact_location(tracking_uri: str, configured: str | Path) -> str | None:
+    """Where a new experiment keeps its artifacts.
+
+    Embedded store (``sqlite:``/file): ``tracking.artifact_location`` as an absolute file URI.
+    Tracking server (``http(s):``/``databricks``): None, i.e. the server's default artifact root
+    (``mlflow-artifacts:/`` when it runs with ``--serve-artifacts``), so every machine reads
+    and writes artifacts through the server and none needs the server's disk.
+    """
+    if tracking_uri.split(":", 1)[0] in ("http", "https", "databricks"):
+        return None
+    return Path(configured).resolve().as_uri()
+
+
 def _clean(params: Mapping[str, Any]) -> dict[str, str]:
     return {k: ("" if v is None else str(v))[:6000] for k, v in params.items()}
 
@@ -138,7 +151,7 @@ class RunRegistry:
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=Path(artifact_location).resolve().as_uri())
+                experiment, artifact_location=experiment_artifact_location(tracking_uri, artifact_location))
         else:
             self.experiment_id = found.experiment_id
 
