@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from training.conftest import (  # noqa: F401  (fixtures reused from the fine-tuning tests)
-    _isolated_tracking_uri,
     ray_cluster,
     toy_params,
     toy_settings,

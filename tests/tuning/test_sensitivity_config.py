@@ -56,3 +56,21 @@ def test_tuned_switch_uses_the_backbones_tuned_values(tmp_path: Path) -> None:
     assert (protocol.lr, protocol.warmup_iters, protocol.warmup_lr) == (3e-3, 0, 1e-7)
     raw["finetune"]["hyperparameters"] = "paper"
     assert build(Settings, raw).finetune_for("test_resnet").lr == settings.finetune.lr
+
+
+def test_importances_of_a_study_whose_trials_all_scored_the_same_are_flagged_degenerate() -> None:
+    # A tiny random-init study can score every configuration the same (chance level): fANOVA then has
+    # no variance to split, and the report must say so instead of crashing or inventing importances.
+    from transferbench.tuning.analysis import PARAMS, importances
+
+    space = {"lr": {"low": 1e-5, "high": 1e-2, "log": True}, "warmup_iters": {"low": 0, "high": 4},
+             "warmup_lr": {"low": 1e-7, "high": 1e-4, "log": True}}
+    records = [{"number": i, "config_index": i, "state": "COMPLETE", "score": 0.5,
+                "params": {"lr": 10 ** -(2 + i / 3), "warmup_iters": i % 5, "warmup_lr": 10 ** -(4 + i / 4)}}
+               for i in range(6)]
+    out = importances(records, space=space, higher_better=True, seed=0, ped_anova_quantile=0.25)
+    assert out["degenerate"] == {"fanova": True, "ped_anova": True}
+    assert out["fanova"] == {k: 1 / len(PARAMS) for k in PARAMS}
+    records[2] = {**records[2], "score": 0.9}
+    varied = importances(records, space=space, higher_better=True, seed=0, ped_anova_quantile=0.25)
+    assert varied["degenerate"]["fanova"] is False

@@ -70,8 +70,9 @@ def importances(records: Sequence[Mapping[str, Any]], *, space: Mapping[str, Map
     evaluators = {"fanova": FanovaImportanceEvaluator(seed=seed),
                   "ped_anova": PedAnovaImportanceEvaluator(target_quantile=ped_anova_quantile)}
     out: dict[str, Any] = {"n_trials": len(points), "degenerate": {}}
+    constant = len({float(r["score"]) for r in points}) <= 1  # nothing to explain: fANOVA has no variance
     for name, evaluator in evaluators.items():
-        raw = evaluator.evaluate(study, params=list(PARAMS)) if len(points) > 1 else {}
+        raw = evaluator.evaluate(study, params=list(PARAMS)) if len(points) > 1 and not constant else {}
         total = sum(raw.values())
         out["degenerate"][name] = not total > 0
         out[name] = ({k: raw[k] / total for k in PARAMS} if total > 0 else {k: 1.0 / len(PARAMS) for k in PARAMS})

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from transferbench.config import FinetuneSettings, SensitivitySettings, Settings
@@ -68,6 +69,11 @@ from transferbench.training.tracking import RunRegistry, resolve_tracking_uri
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 STORAGE_ENV = "OPTUNA_STORAGE"
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+RAY_NODE_ENV = "TRANSFERBENCH_RAY_NODE"
+# The driver's service URIs travel to Ray workers (which inherit the raylet's environment, not ours).
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", STORAGE_ENV, "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT")
 PARAMS = ("lr", "warmup_iters", "warmup_lr")
 FIXED_LABEL = "fixed protocol choice"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -318,6 +324,7 @@ class SensitivityObjective:
         self.val_set = CachedImages(caches["val"], img_size=self.img_size, mean=spec.mean, std=spec.std, train=False)
         self.registry = RunRegistry(tracking_uri=handle.tracking_uri, experiment=settings.tracking.experiment,
                                     artifact_location=settings.tracking.artifact_location)
+        self.device = torch.device("cuda" if settings.ray.use_gpu and torch.cuda.is_available() else "cpu")
 
     def _claim(self, trial: optuna.Trial, index: int) -> str | None:
         """Why this trial may not run (all n_trials slots taken, or its configuration already taken), or None."""
@@ -331,6 +338,8 @@ class SensitivityObjective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", worker_id())
+        if os.environ.get(RAY_NODE_ENV):  # a Ray task on a cluster node (run_workers_on_ray)
+            trial.set_user_attr("ray_node", os.environ[RAY_NODE_ENV])
         index = int(trial.user_attrs.get("config_index", trial.number))
         refused = self._claim(trial, index)
         if refused:
@@ -368,6 +377,7 @@ class SensitivityObjective:
             seed = self.sensitivity.seed
             session = loop.fit(
                 model, protocol=protocol, num_classes=len(self.manifests.classes), seed=seed, hooks=[hook],
+                device=self.device,
                 train_loader=train_loader(self.train_set, batch_size=protocol.batch_size, seed=seed),
                 val_loader=eval_loader(self.val_set, batch_size=protocol.eval_batch_size))
         except BaseException:
@@ -406,11 +416,65 @@ def work(settings: Settings, handle: StudyHandle, *, task: str, backbone: str) -
                    callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)])
 
 
+def ray_cluster_address(settings: Settings) -> str | None:
+    """``ray.address`` from params, else ``$RAY_ADDRESS``; None: no cluster configured."""
+    return settings.ray.address or os.environ.get(RAY_ADDRESS_ENV) or None
+
+
+def _work_on_ray_node(params_path: str, cwd: str, task: str, backbone: str, threads: int) -> str:
+    """One Optuna worker as a Ray task (runs on whichever node Ray placed it); returns its worker id."""
+    import ray
+
+    from transferbench.config import load_settings
+
+    os.chdir(cwd)  # params' relative paths are relative to the project, on storage every node shares
+    torch.set_num_threads(threads)
+    os.environ[RAY_NODE_ENV] = ray.get_runtime_context().get_node_id()  # recorded on each trial
+    settings = load_settings(params_path)
+    handle = prepare_study(settings, task=task, backbone=backbone)
+    work(settings, handle, task=task, backbone=backbone)
+    return worker_id()
+
+
+def run_workers_on_ray(settings: Settings, *, task: str, backbone: str, workers: int, params_path: str | Path,
+                       address: str) -> list[str]:
+    """``workers`` Optuna workers as Ray tasks on the cluster at ``address`` (one per node where they fit).
+
+    Each task reserves ``ray.cpus_per_worker`` CPUs and is placed with the SPREAD strategy; a task
+    whose process dies is retried by Ray (``ray.max_failures`` times), and the retry re-queues the
+    dead trial (``reclaim_dead_trials`` on the same host, the storage heartbeat elsewhere). Needs
+    the project directory and the Optuna storage reachable from every node.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, configure_logging=True, logging_level="WARNING")
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    threads = max(1, int(settings.ray.cpus_per_worker))
+    remote = ray.remote(_work_on_ray_node).options(
+        num_cpus=settings.ray.cpus_per_worker, num_gpus=1 if settings.ray.use_gpu else 0,
+        scheduling_strategy="SPREAD",
+        max_retries=max(settings.ray.max_failures, 0), retry_exceptions=False,
+        runtime_env={"env_vars": {**env, "OMP_NUM_THREADS": str(threads)}})
+    refs = [remote.remote(str(Path(params_path).resolve()), os.getcwd(), task, backbone, threads)
+            for _ in range(workers)]
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayError as exc:
+        raise TransferbenchError(f"sensitivity workers on the Ray cluster at {address} failed: {exc}") from exc
+
+
 def run_workers(settings: Settings, handle: StudyHandle, *, task: str, backbone: str, workers: int,
                 params_path: str | Path) -> None:
-    """Run ``workers`` Optuna workers on the study: this process (1) or as many child processes."""
+    """Run ``workers`` Optuna workers on the study: this process (1), Ray tasks on the configured
+    cluster (``ray.address`` / ``$RAY_ADDRESS``), or as many child processes on this machine."""
     if workers <= 1:
         work(settings, handle, task=task, backbone=backbone)
+        return
+    address = ray_cluster_address(settings)
+    if address:
+        run_workers_on_ray(settings, task=task, backbone=backbone, workers=workers, params_path=params_path,
+                           address=address)
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
