@@ -289,9 +289,28 @@ def _sensitivity_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cpus", type=int, default=None, help="CPUs of the head node (default: all of them)")
+    parser.add_argument("--log-dir", default="data/ray_logs", help="the nodes' logs (default: %(default)s)")
+    parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                        help="the command to run against the cluster, e.g. -- dvc repro")
+
+
+@command("with-ray", "run a command (e.g. dvc repro) against one Ray head node started for it, so every "
+         "fine-tune stage joins that cluster; with ray.address / RAY_ADDRESS set, just run it", _with_ray_arguments)
+def _with_ray(args: argparse.Namespace) -> int:
+    from transferbench.cluster import run_with_cluster
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise TransferbenchError("with-ray: give the command to run after --, e.g. transferbench with-ray -- dvc repro")
+    settings = load_settings(args.params)
+    return run_with_cluster(cmd, configured_address=settings.ray.address, log_dir=args.log_dir, cpus=args.cpus)
+
+
 # --help lists the stages in the order the pipeline runs them.
 PIPELINE_ORDER = ("fetch", "generate", "split", "validate", "finetune", "sensitivity", "sensitivity-report",
-                  "register", "compare", "check-params")
+                  "register", "compare", "with-ray", "check-params")
 
 
 def build_parser() -> argparse.ArgumentParser:

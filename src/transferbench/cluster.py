@@ -1,0 +1,163 @@
+"""A Ray cluster of ``ray start`` nodes on this machine, for one command's lifetime.
+
+``transferbench with-ray -- dvc repro`` starts a head node, runs the command with
+``RAY_ADDRESS`` pointing at it, then stops the node. Every ``transferbench finetune`` stage
+then joins that one cluster instead of starting (and tearing down) a Ray instance of its
+own. If a cluster is already configured (``ray.address`` or ``$RAY_ADDRESS``), the command
+just runs on it.
+
+Nodes are started with ``ray start --block`` in their own process group and stopped by
+signalling that group: ``ray stop`` would stop every Ray cluster on the machine. Ray 2.60
+clusters use token authentication: the token is a fresh file under the cluster's temporary
+directory, handed to clients through ``RAY_AUTH_MODE`` / ``RAY_AUTH_TOKEN_PATH``. Ray gives
+nodes the machine's routable IP even when asked for 127.0.0.1 and listens on all
+interfaces; the token is what keeps other hosts out.
+
+The tests build multi-node clusters from the same class (``add_node``, ``kill_node``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from transferbench.errors import TransferbenchError
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check: Callable[[], bool], *, timeout: float, what: str, process: subprocess.Popen | None = None,
+               log: Path | None = None) -> None:
+    """Poll ``check`` until true; fail naming ``what`` (with the log's tail) on timeout or if ``process`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if process is not None and process.poll() is not None:
+            break
+        time.sleep(0.3)
+    tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+    raise TransferbenchError(f"{what} did not come up within {timeout:.0f} s\n{tail}")
+
+
+def stop_group(process: subprocess.Popen, *, grace: float = 20.0) -> None:
+    """SIGTERM a process group started with start_new_session; SIGKILL what is left after ``grace``."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=10)
+
+
+class RayCluster:
+    """``ray start`` nodes on this machine; ``env`` is what a client (driver) needs to join."""
+
+    def __init__(self, log_dir: str | Path, *, object_store_bytes: int = 150_000_000,
+                 fast_failure_detection: bool = False) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="tbray-"))  # Ray's socket paths must stay short
+        self.logs = Path(log_dir)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        token = self.root / "token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+                    "RAY_ADDRESS": self.address, "RAY_USAGE_STATS_ENABLED": "0",
+                    "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+        if fast_failure_detection:  # a lost node is noticed in ~3 s instead of ~30 s
+            self.env.update(RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000",
+                            RAY_health_check_failure_threshold="3")
+        self.object_store_bytes = object_store_bytes
+        self.nodes: list[subprocess.Popen] = []
+
+    def _start(self, args: list[str], name: str) -> subprocess.Popen:
+        with (self.logs / f"ray-{name}.log").open("a") as log:
+            process = subprocess.Popen(
+                [str(BIN / "ray"), "start", *args, "--object-store-memory", str(self.object_store_bytes),
+                 "--disable-usage-stats", "--block"],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.nodes.append(process)
+        return process
+
+    def start(self, cpus: Sequence[int]) -> RayCluster:
+        """A head node with ``cpus[0]`` CPUs and one further node per further entry."""
+        head = self._start(["--head", f"--port={self.port}", f"--num-cpus={cpus[0]}", "--include-dashboard=false",
+                            f"--temp-dir={self.root / 'ray'}"], "head")
+        wait_until(lambda: len(self.alive_nodes()) == 1, timeout=120, what="the Ray head node", process=head,
+                   log=self.logs / "ray-head.log")
+        for i, n in enumerate(cpus[1:], start=1):
+            self.add_node(n, name=f"node{i}")
+        return self
+
+    def add_node(self, cpus: int, *, name: str) -> subprocess.Popen:
+        before = len(self.alive_nodes())
+        node = self._start([f"--address={self.address}", f"--num-cpus={cpus}"], name)
+        wait_until(lambda: len(self.alive_nodes()) == before + 1, timeout=120, what=f"Ray node {name}", process=node,
+                   log=self.logs / f"ray-{name}.log")
+        return node
+
+    def alive_nodes(self) -> list[dict]:
+        """[{node_id, cpus}] of the live nodes, asked of the cluster by a short-lived client."""
+        code = ("import json, ray; ray.init(logging_level='ERROR'); "
+                "print(json.dumps([{'node_id': n['NodeID'], 'cpus': n['Resources'].get('CPU', 0)} "
+                "for n in ray.nodes() if n['Alive']]))")
+        try:
+            done = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True,
+                                  timeout=120)
+        except subprocess.TimeoutExpired:
+            return []
+        if done.returncode != 0:
+            return []
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL every process of node ``index`` (its raylet, object store and workers): a lost machine."""
+        node = self.nodes.pop(index)
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait(timeout=10)
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):  # further nodes first, the head last
+            stop_group(node)
+        self.nodes.clear()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def run_with_cluster(command: Sequence[str], *, configured_address: str | None, log_dir: str | Path,
+                     cpus: int | None = None) -> int:
+    """Run ``command`` against a Ray cluster: the configured one, else a head node started for it."""
+    if configured_address or os.environ.get("RAY_ADDRESS"):
+        return subprocess.call(list(command))
+    cluster = RayCluster(log_dir)
+    try:
+        cluster.start([cpus or os.cpu_count() or 1])
+        print(f"transferbench: Ray head node at {cluster.address} for: {' '.join(command)}", flush=True)
+        return subprocess.call(list(command), env=cluster.env)
+    finally:
+        cluster.stop()
