@@ -20,7 +20,7 @@ import mlflow.pytorch
 import pytest
 import yaml
 
-from training.conftest import _isolated_tracking_uri, ray_cluster, toy_params, toy_splits  # noqa: F401
+from training.conftest import ray_cluster, toy_params, toy_splits  # noqa: F401
 from transferbench.config import Settings, build
 from transferbench.evaluation.scoring import score_split
 from transferbench.training.finetune import run_finetune

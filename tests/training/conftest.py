@@ -81,14 +81,3 @@ def ray_cluster():
         ray.init(num_cpus=2, configure_logging=True, logging_level="WARNING")
     yield
     ray.shutdown()
-
-
-@pytest.fixture(autouse=True)
-def _isolated_tracking_uri(monkeypatch):
-    """mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI; keep each test on its own store."""
-    import mlflow
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield
-    mlflow.set_tracking_uri("")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
