@@ -9,9 +9,12 @@ just runs on it.
 Nodes are started with ``ray start --block`` in their own process group and stopped by
 signalling that group: ``ray stop`` would stop every Ray cluster on the machine. Ray 2.60
 clusters use token authentication: the token is a fresh file under the cluster's temporary
-directory, handed to clients through ``RAY_AUTH_MODE`` / ``RAY_AUTH_TOKEN_PATH``. Ray gives
-nodes the machine's routable IP even when asked for 127.0.0.1 and listens on all
-interfaces; the token is what keeps other hosts out.
+directory, handed to clients through ``RAY_AUTH_MODE`` / ``RAY_AUTH_TOKEN_PATH``.
+
+Node addresses are loopback: the head is 127.0.0.2, further nodes 127.0.0.3, 127.0.0.4, ...
+(Ray replaces 127.0.0.1 itself by the machine's routable IP, but not the rest of 127/8), so
+the nodes and their clients talk over loopback, like separate hosts. Ray's servers still
+listen on all interfaces (Ray has no bind-address setting); the token keeps other hosts out.
 
 The tests build multi-node clusters from the same class (``add_node``, ``kill_node``).
 """
@@ -34,6 +37,7 @@ from pathlib import Path
 from transferbench.errors import TransferbenchError
 
 BIN = Path(sys.executable).parent
+HEAD_IP = "127.0.0.2"
 
 
 def free_port() -> int:
@@ -83,7 +87,8 @@ class RayCluster:
         self.logs = Path(log_dir)
         self.logs.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{HEAD_IP}:{self.port}"
+        self._started = 0  # nodes ever started: node k gets 127.0.0.(2 + k)
         token = self.root / "token"
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
@@ -97,10 +102,12 @@ class RayCluster:
         self.nodes: list[subprocess.Popen] = []
 
     def _start(self, args: list[str], name: str) -> subprocess.Popen:
+        ip = f"127.0.0.{2 + self._started}"
+        self._started += 1
         with (self.logs / f"ray-{name}.log").open("a") as log:
             process = subprocess.Popen(
-                [str(BIN / "ray"), "start", *args, "--object-store-memory", str(self.object_store_bytes),
-                 "--disable-usage-stats", "--block"],
+                [str(BIN / "ray"), "start", *args, f"--node-ip-address={ip}", "--object-store-memory",
+                 str(self.object_store_bytes), "--disable-usage-stats", "--block"],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.nodes.append(process)
         return process
