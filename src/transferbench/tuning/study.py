@@ -107,10 +107,34 @@ def redact(url: str) -> str:
 def open_storage(url: str, sensitivity: SensitivitySettings) -> optuna.storages.RDBStorage:
     # SQLite serialises writers: several workers wait for the lock instead of failing at once.
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(
+    storage = optuna.storages.RDBStorage(
         url, engine_kwargs=engine, heartbeat_interval=sensitivity.heartbeat_interval,
         grace_period=sensitivity.grace_period,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+    if url.startswith("sqlite"):
+        _serialise_sqlite_transactions(storage.engine)
+    return storage
+
+
+def _serialise_sqlite_transactions(engine: Any) -> None:
+    """Every transaction on this SQLite engine starts with ``BEGIN IMMEDIATE`` (SQLAlchemy's recipe).
+
+    Optuna claims a WAITING trial with read-then-update under ``SELECT ... FOR UPDATE``, a row
+    lock PostgreSQL honours and SQLite ignores; and Python's sqlite3 runs that SELECT outside any
+    transaction. Two workers could then both read WAITING and both run the same trial (seen in
+    CI: "Cannot tell a COMPLETE trial"). With the write lock taken at BEGIN, they queue instead.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_transactions(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy's BEGIN below, not sqlite3's own
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened while the schema was set up predate the listeners
 
 
 def make_sampler(sensitivity: SensitivitySettings) -> optuna.samplers.BaseSampler:
