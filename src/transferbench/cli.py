@@ -305,7 +305,7 @@ def _with_ray(args: argparse.Namespace) -> int:
     if not cmd:
         raise TransferbenchError("with-ray: give the command to run after --, e.g. transferbench with-ray -- dvc repro")
     settings = load_settings(args.params)
-    return run_with_cluster(cmd, configured_address=settings.ray.address, log_dir=args.log_dir, cpus=args.cpus)
+    return run_with_cluster(cmd, params_address=settings.ray.address, log_dir=args.log_dir, cpus=args.cpus)
 
 
 # --help lists the stages in the order the pipeline runs them.

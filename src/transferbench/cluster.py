@@ -38,6 +38,20 @@ from transferbench.errors import TransferbenchError
 
 BIN = Path(sys.executable).parent
 HEAD_IP = "127.0.0.2"
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+
+
+def configured_address(params_address: str | None) -> str | None:
+    """The cluster to join: ``ray.address`` from params, else ``$RAY_ADDRESS``; None: none configured."""
+    return params_address or os.environ.get(RAY_ADDRESS_ENV) or None
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at ``address`` (None: ``$RAY_ADDRESS``, else a local instance) unless joined already."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, configure_logging=True, logging_level="WARNING")
 
 
 def free_port() -> int:
@@ -156,10 +170,10 @@ class RayCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def run_with_cluster(command: Sequence[str], *, configured_address: str | None, log_dir: str | Path,
+def run_with_cluster(command: Sequence[str], *, params_address: str | None, log_dir: str | Path,
                      cpus: int | None = None) -> int:
     """Run ``command`` against a Ray cluster: the configured one, else a head node started for it."""
-    if configured_address or os.environ.get("RAY_ADDRESS"):
+    if configured_address(params_address):
         return subprocess.call(list(command))
     cluster = RayCluster(log_dir)
     try:

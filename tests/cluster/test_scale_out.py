@@ -35,6 +35,7 @@ from mlflow import MlflowClient
 
 from training.conftest import toy_params, toy_splits  # noqa: F401 -- the session fixture
 
+from transferbench.cluster import wait_until
 from transferbench.training.tracking import KIND_TAG, STUDY_TAG
 
 pytestmark = pytest.mark.slow
@@ -79,15 +80,6 @@ def _children(uri: str, study: str = "toy-study") -> list:
 
 def _steps(uri: str, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
-
-
-def _wait_for(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 # --------------------------------------------------------------------------- (a)
@@ -193,7 +185,8 @@ def test_tracking_server_restart_mid_run_loses_nothing(ray_two_nodes, mlflow_ser
             "transferbench") else []
         return len(_steps(mlflow_server.uri, runs[0].info.run_id, "val_loss")) if runs else 0
 
-    _wait_for(lambda: logged_epochs() >= 2 or process.poll() is not None, 300, "the first epochs on the server")
+    wait_until(lambda: logged_epochs() >= 2 or process.poll() is not None, timeout=300,
+               what="the first epochs on the server")
     assert process.poll() is None, "the run finished before the server could be restarted"
     mlflow_server.stop()
     time.sleep(8)  # the run goes on; its MLflow calls retry (MLFLOW_HTTP_REQUEST_MAX_RETRIES, backoff)
@@ -256,7 +249,7 @@ def test_sensitivity_on_postgres_with_two_ray_workers_and_one_killed(ray_two_nod
                 return True
         return False
 
-    _wait_for(kill_a_running_trial, 600, "a running trial to kill")
+    wait_until(kill_a_running_trial, timeout=600, what="a running trial to kill")
     assert killed, "the study finished before a worker could be killed"
     _finished(process)
 
@@ -295,8 +288,8 @@ def test_losing_a_node_finishes_the_run_from_its_checkpoint_once(ray_two_nodes, 
     env = {**ray_two_nodes.env, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
     process = _finetune(params, tmp_path, env)
     storage = tmp_path / "ray_results"
-    _wait_for(lambda: any(storage.glob("toy.test_resnet.seed0.*/epoch_0003")) or process.poll() is not None, 300,
-              "the epoch-3 checkpoint")
+    wait_until(lambda: any(storage.glob("toy.test_resnet.seed0.*/epoch_0003")) or process.poll() is not None,
+               timeout=300, what="the epoch-3 checkpoint")
     assert process.poll() is None, "the run finished before a node could be killed"
     ray_two_nodes.kill_node(1)
     written = max(int(p.name.split("_")[1]) for p in storage.glob("toy.test_resnet.seed0.*/epoch_*"))

@@ -40,10 +40,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from transferbench.cluster import connect
 from transferbench.config import Settings
+from transferbench.data.atomic import write_text
 from transferbench.models import InputSpec, WeightsSource, build_classifier, effective_img_size
 from transferbench.training.data import SPLITS, build_cache, read_manifests
-from transferbench.data.atomic import write_text
 from transferbench.training.metrics import write_curve_csv
 from transferbench.training.ray_trainer import WorkerSpec, fit_on_ray
 from transferbench.training.tracking import RunRegistry, resolve_tracking_uri
@@ -69,13 +70,6 @@ def git_commit() -> str:
         return commit.strip() + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def _ray_init(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, configure_logging=True, logging_level="WARNING")
 
 
 def run_finetune(settings: Settings, *, task: str, backbone: str, seed: int, num_workers: int | None = None,
@@ -152,7 +146,7 @@ def run_finetune(settings: Settings, *, task: str, backbone: str, seed: int, num
         log_model=settings.tracking.log_model, use_gpu=ray_settings.use_gpu,
         mixed_precision=ray_settings.mixed_precision, channels_last=ray_settings.channels_last,
         kill_at_epoch=kill_at_epoch, kill_rank=kill_rank)
-    _ray_init(ray_settings.address)
+    connect(ray_settings.address)
     try:
         final = fit_on_ray(spec, run_name=run_name, storage_path=str(storage),
                            num_workers=ray_settings.scaling_workers, use_gpu=ray_settings.use_gpu,

@@ -57,6 +57,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from transferbench.cluster import configured_address, connect
 from transferbench.config import FinetuneSettings, SensitivitySettings, Settings
 from transferbench.errors import TransferbenchError
 from transferbench.evaluation.results import higher_is_better
@@ -69,7 +70,6 @@ from transferbench.training.tracking import RunRegistry, resolve_tracking_uri
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 STORAGE_ENV = "OPTUNA_STORAGE"
-RAY_ADDRESS_ENV = "RAY_ADDRESS"
 RAY_NODE_ENV = "TRANSFERBENCH_RAY_NODE"
 # The driver's service URIs travel to Ray workers (which inherit the raylet's environment, not ours).
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", STORAGE_ENV, "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
@@ -440,12 +440,8 @@ def work(settings: Settings, handle: StudyHandle, *, task: str, backbone: str) -
                    callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)])
 
 
-def ray_cluster_address(settings: Settings) -> str | None:
-    """``ray.address`` from params, else ``$RAY_ADDRESS``; None: no cluster configured."""
-    return settings.ray.address or os.environ.get(RAY_ADDRESS_ENV) or None
-
-
-def _work_on_ray_node(params_path: str, cwd: str, task: str, backbone: str, threads: int) -> str:
+def _work_on_ray_node(params_path: str, cwd: str, handle: StudyHandle, task: str, backbone: str,
+                      threads: int) -> str:
     """One Optuna worker as a Ray task (runs on whichever node Ray placed it); returns its worker id."""
     import ray
 
@@ -454,14 +450,12 @@ def _work_on_ray_node(params_path: str, cwd: str, task: str, backbone: str, thre
     os.chdir(cwd)  # params' relative paths are relative to the project, on storage every node shares
     torch.set_num_threads(threads)
     os.environ[RAY_NODE_ENV] = ray.get_runtime_context().get_node_id()  # recorded on each trial
-    settings = load_settings(params_path)
-    handle = prepare_study(settings, task=task, backbone=backbone)
-    work(settings, handle, task=task, backbone=backbone)
+    work(load_settings(params_path), handle, task=task, backbone=backbone)
     return worker_id()
 
 
-def run_workers_on_ray(settings: Settings, *, task: str, backbone: str, workers: int, params_path: str | Path,
-                       address: str) -> list[str]:
+def run_workers_on_ray(settings: Settings, handle: StudyHandle, *, task: str, backbone: str, workers: int,
+                       params_path: str | Path, address: str) -> list[str]:
     """``workers`` Optuna workers as Ray tasks on the cluster at ``address`` (one per node where they fit).
 
     Each task reserves ``ray.cpus_per_worker`` CPUs and is placed with the SPREAD strategy; a task
@@ -471,8 +465,7 @@ def run_workers_on_ray(settings: Settings, *, task: str, backbone: str, workers:
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, configure_logging=True, logging_level="WARNING")
+    connect(address)
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     threads = max(1, int(settings.ray.cpus_per_worker))
     remote = ray.remote(_work_on_ray_node).options(
@@ -480,7 +473,7 @@ def run_workers_on_ray(settings: Settings, *, task: str, backbone: str, workers:
         scheduling_strategy="SPREAD",
         max_retries=max(settings.ray.max_failures, 0), retry_exceptions=False,
         runtime_env={"env_vars": {**env, "OMP_NUM_THREADS": str(threads)}})
-    refs = [remote.remote(str(Path(params_path).resolve()), os.getcwd(), task, backbone, threads)
+    refs = [remote.remote(str(Path(params_path).resolve()), os.getcwd(), handle, task, backbone, threads)
             for _ in range(workers)]
     try:
         return ray.get(refs)
@@ -495,9 +488,9 @@ def run_workers(settings: Settings, handle: StudyHandle, *, task: str, backbone:
     if workers <= 1:
         work(settings, handle, task=task, backbone=backbone)
         return
-    address = ray_cluster_address(settings)
+    address = configured_address(settings.ray.address)
     if address:
-        run_workers_on_ray(settings, task=task, backbone=backbone, workers=workers, params_path=params_path,
+        run_workers_on_ray(settings, handle, task=task, backbone=backbone, workers=workers, params_path=params_path,
                            address=address)
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
