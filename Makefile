@@ -25,10 +25,12 @@ $(LINTER): .github/lint/package-lock.json
 	@if command -v npm >/dev/null; then npm ci --prefix .github/lint --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the workflow lint test will skip"; fi
 
-## make repro: fetch the raw data (mirror or upstream) and run the study with `dvc repro`.
+## make repro: fetch the raw data (mirror or upstream) and run the study with `dvc repro`,
+## every stage on one Ray head node for the whole run (`transferbench with-ray`; a cluster
+## already configured by ray.address / RAY_ADDRESS is used as is).
 repro: $(STAMP)
 	$(BIN)/transferbench fetch
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/transferbench with-ray -- dvc repro
 
 ## make test: the fast test suite (slow integration tests: make test-slow).
 test: $(STAMP) $(LINTER)

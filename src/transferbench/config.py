@@ -389,6 +389,10 @@ class RaySettings:
     storage_path: str = "data/ray_results"
     # Checkpoints kept by val loss (the latest one is always kept too, for recovery).
     checkpoints_to_keep: int = bounded(1, ge=1)
+    # Seconds between the Ray Train controller's polls of its workers (Ray's
+    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2). ray.train.report waits for the previous
+    # epoch's report to be collected, so epochs shorter than this wait for the poll.
+    report_interval_s: float = bounded(0.2, gt=0)
     # On GPU only: bf16 autocast, and channels-last memory format for ConvNets.
     mixed_precision: bool = True
     channels_last: bool = True

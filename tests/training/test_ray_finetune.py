@@ -18,7 +18,7 @@ import torch
 
 from transferbench.training.data import CachedImages
 from transferbench.training.finetune import run_finetune
-from transferbench.training.ray_trainer import KILL_MARKER
+from transferbench.training.ray_trainer import FINAL_FILE, KILL_MARKER
 from transferbench.training.tracking import RUN_KEY_TAG, STUDY_TAG
 
 from .conftest import toy_settings
@@ -43,7 +43,7 @@ def _child_runs(uri: str, study: str) -> list:
 @pytest.fixture(scope="module")
 def two_worker_run(toy_splits, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two_workers")
-    settings = toy_settings(toy_splits, **_stores(tmp))
+    settings = toy_settings(toy_splits, **_stores(tmp, ray={"report_interval_s": 0.5}))
     started = time.perf_counter()
     result = run_finetune(settings, task="toy", backbone="test_resnet", seed=0, num_workers=2,
                           metrics_dir=tmp / "metrics", plots_dir=tmp / "plots")
@@ -75,6 +75,9 @@ def test_two_workers_write_metrics_curves_and_a_complete_mlflow_run(two_worker_r
     assert params["ray.num_workers"] == "2" and params["finetune.head_dropout"] == "0.2"
     assert params["finetune.warmup_iters"] == "2" and params["model"] == "test_resnet" and params["weights"] == "none"
     assert params["data.train_md5"] and tags["mlflow.source.git.commit"]
+    # ray.report_interval_s reaches Ray Train's processes (the workers read it from their environment).
+    final = json.loads((Path(settings.ray.storage_path) / result["ray_run_name"] / FINAL_FILE).read_text())
+    assert params["ray.report_interval_s"] == "0.5" and final["report_interval_s"] == 0.5
     history = client.get_metric_history(child.info.run_id, "val_loss")
     assert sorted(m.step for m in history) == list(range(1, result["epochs_run"] + 1))
     assert {"train_loss", "val_accuracy", "lr", "test_accuracy", "test_auroc"} <= set(metrics)

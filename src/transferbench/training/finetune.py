@@ -152,7 +152,8 @@ def run_finetune(settings: Settings, *, task: str, backbone: str, seed: int, num
                            num_workers=ray_settings.scaling_workers, use_gpu=ray_settings.use_gpu,
                            cpus_per_worker=ray_settings.cpus_per_worker, max_failures=ray_settings.max_failures,
                            checkpoints_to_keep=ray_settings.checkpoints_to_keep,
-                           placement_strategy=ray_settings.placement_strategy)
+                           placement_strategy=ray_settings.placement_strategy,
+                           report_interval_s=ray_settings.report_interval_s)
     except Exception:
         registry.client.set_terminated(run_id, "FAILED")
         raise

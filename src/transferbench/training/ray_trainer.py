@@ -21,10 +21,12 @@ run directory records that it happened).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,9 @@ from transferbench.training.metrics import (
     learning_curve_figure,
 )
 
+# Ray Train's controller poll interval; Ray copies it from the driver's environment to the
+# controller and the workers (ray.train.v2 ENV_VARS_TO_PROPAGATE).
+REPORT_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 STATE_FILE = "state.pt"
 FINAL_FILE = "final.json"
 KILL_MARKER = "fault_injected"
@@ -237,6 +242,7 @@ def _finish(spec: WorkerSpec, session: loop.FitSession, model: torch.nn.Module, 
         "best_epoch": state.best_epoch, "epochs_run": state.epoch, "best_val_loss": state.best_val_loss,
         "stop_reason": state.stop_reason, "resumed_at_epochs": list(state.resumed_at_epochs),
         "history": state.history, "world_size": len(nodes), "worker_nodes": nodes,
+        "report_interval_s": float(os.environ.get(REPORT_INTERVAL_ENV, "nan")),
     }
     for split, (_, _, values) in outputs.items():
         final.update({f"{split}_{k}": v for k, v in values.items()})
@@ -282,13 +288,29 @@ def _log_outcome(spec: WorkerSpec, final: dict[str, Any], outputs: dict[str, Any
         tracker.log_model(cpu_model, input_example=example, output_example=output)
 
 
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
 def fit_on_ray(spec: WorkerSpec, *, run_name: str, storage_path: str, num_workers: int | tuple[int, int],
                use_gpu: bool, cpus_per_worker: float, max_failures: int, checkpoints_to_keep: int,
-               placement_strategy: str = "PACK") -> dict[str, Any]:
+               placement_strategy: str = "PACK", report_interval_s: float = 0.2) -> dict[str, Any]:
     """Run ``train_worker`` under a TorchTrainer; returns the rank-0 outcome (``final.json``).
 
     ``num_workers``: a fixed count, or ``(min, max)`` for Ray Train's elastic training (a run
     that loses a node restarts from its last checkpoint with the workers that still fit).
+    ``report_interval_s``: how often the controller collects the workers' reports (``ray.report_interval_s``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -304,5 +326,6 @@ def fit_on_ray(spec: WorkerSpec, *, run_name: str, storage_path: str, num_worker
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep, checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min")))
-    trainer.fit()
+    with _environment({REPORT_INTERVAL_ENV: repr(float(report_interval_s))}):
+        trainer.fit()
     return json.loads((Path(spec.run_dir) / FINAL_FILE).read_text())
