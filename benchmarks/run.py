@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             pipeline, plain = training.alternate(
                 work, repeats=args.repeats, epochs=args.epochs, threads=args.threads,
                 cpus_per_worker=float(args.threads), root=root, tracking_uri=tracking_uri,
-                system_metrics=tracking.system_metrics, log_model=tracking.log_model)
+                system_metrics=tracking.system_metrics, log_model=tracking.log_model,
+                report_interval_s=settings.ray.report_interval_s)
             pipeline_runs += pipeline
             cycle = [v for run in pipeline for v in run.cycle_ips]
             compute = [v for run in pipeline for v in run.compute_ips]
@@ -191,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             for workers in (1, 2):
                 runs = [training.run_pipeline(work, root=root, tracking_uri=tracking_uri, num_workers=workers,
                                               cpus_per_worker=1.0, system_metrics=tracking.system_metrics,
-                                              log_model=tracking.log_model) for _ in range(args.repeats)]
+                                              log_model=tracking.log_model,
+                                              report_interval_s=settings.ray.report_interval_s)
+                        for _ in range(args.repeats)]
                 ips = [v for run in runs for v in run.cycle_ips]
                 base = base or _median(ips)
                 scaling["runs"].append({"num_workers": workers, "cpus_per_worker": 1.0,

@@ -122,7 +122,7 @@ class PipelineRun:
 
 
 def run_pipeline(work: Workload, *, root: Path, tracking_uri: str, num_workers: int, cpus_per_worker: float,
-                 system_metrics: bool, log_model: bool) -> PipelineRun:
+                 system_metrics: bool, log_model: bool, report_interval_s: float = 0.2) -> PipelineRun:
     """Train ``work`` through the engine's Ray Train path and read its epochs back from MLflow."""
     from mlflow import MlflowClient
 
@@ -143,10 +143,11 @@ def run_pipeline(work: Workload, *, root: Path, tracking_uri: str, num_workers: 
         system_metrics=system_metrics, log_model=log_model, use_gpu=False)
     started = time.perf_counter()
     final = fit_on_ray(spec, run_name=run_name, storage_path=str(storage), num_workers=num_workers,
-                       use_gpu=False, cpus_per_worker=cpus_per_worker, max_failures=0, checkpoints_to_keep=1)
+                       use_gpu=False, cpus_per_worker=cpus_per_worker, max_failures=0, checkpoints_to_keep=1,
+                       report_interval_s=report_interval_s)
     wall = time.perf_counter() - started
     history = final["history"]
-    batch = work.protocol.batch_size * num_workers
+    batch = work.protocol.batch_size  # the global batch: each step of N workers takes batch_size images in all
     steps = [int(r["step"]) for r in history]
     images = [batch * (b - a) for a, b in zip([0, *steps[:-1]], steps, strict=True)]
     stamps = sorted(MlflowClient(tracking_uri).get_metric_history(run_id, "train_loss"), key=lambda m: m.step)
@@ -245,13 +246,14 @@ def loader_rate(work: Workload, *, threads: int, passes: int) -> list[float]:
 
 
 def alternate(work: Workload, *, repeats: int, epochs: int, threads: int, cpus_per_worker: float, root: Path,
-              tracking_uri: str, system_metrics: bool, log_model: bool) -> tuple[list[PipelineRun], list[list[float]]]:
+              tracking_uri: str, system_metrics: bool, log_model: bool,
+              report_interval_s: float = 0.2) -> tuple[list[PipelineRun], list[list[float]]]:
     """Pipeline and plain loop alternated A B A B in this process; ``repeats`` pairs."""
     pipeline, plain = [], []
     for _ in range(repeats):
         pipeline.append(run_pipeline(work, root=root, tracking_uri=tracking_uri, num_workers=1,
                                      cpus_per_worker=cpus_per_worker, system_metrics=system_metrics,
-                                     log_model=log_model))
+                                     log_model=log_model, report_interval_s=report_interval_s))
         plain.append(run_plain(work, threads=threads, epochs=epochs))
     return pipeline, plain
 

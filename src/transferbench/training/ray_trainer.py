@@ -46,6 +46,14 @@ from transferbench.training.metrics import (
 # Ray Train's controller poll interval; Ray copies it from the driver's environment to the
 # controller and the workers (ray.train.v2 ENV_VARS_TO_PROPAGATE).
 REPORT_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+# Environment of the training worker processes. Ray Train runs the training function in a
+# thread of the worker process, not its main thread, and glibc gives each such thread a malloc
+# arena of 64 MB mmap'd heaps: every activation bigger than that (ResNet-18's first feature map
+# at batch 32 and 224 px is ~100 MB) is then mmap'd, page-faulted and unmapped on every step.
+# One arena (the main one, which reuses freed memory) gives the thread its speed back: measured
+# here, the same timm step in a non-main thread ran at 0.77-0.97 of the main thread's speed
+# (median 0.86), and at 0.97-1.01 with MALLOC_ARENA_MAX=1 (benchmarks/README.md).
+WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
 STATE_FILE = "state.pt"
 FINAL_FILE = "final.json"
 KILL_MARKER = "fault_injected"
@@ -322,7 +330,7 @@ def fit_on_ray(spec: WorkerSpec, *, run_name: str, storage_path: str, num_worker
                                      resources_per_worker={"CPU": cpus_per_worker},
                                      placement_strategy=placement_strategy),
         run_config=RunConfig(
-            name=run_name, storage_path=storage_path,
+            name=run_name, storage_path=storage_path, worker_runtime_env={"env_vars": dict(WORKER_ENV)},
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep, checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min")))
