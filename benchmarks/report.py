@@ -43,6 +43,16 @@ def markdown(bench: dict[str, Any]) -> str:
     lines += _table(["backbone", "preset", "pipeline img/s (epoch cycle)", "pipeline img/s (loop.fit compute)",
                      "plain img/s", "ratio pipeline/plain", "train GFLOP/img", "pipeline / matmul",
                      "plain / matmul", ">= 0.95"], rows)
+    t = bench.get("thread_cost")
+    if t:
+        lines += [f"### Where the gap comes from: the training thread ({t['model']}, {t['img_size']} px, batch "
+                  f"{t['batch_size']}, synthetic tensors, main thread and a second thread alternated)", "",
+                  "Ray Train runs the training function in a thread of its worker process. The engine's workers "
+                  "run with `MALLOC_ARENA_MAX=1`; the first row is what they would lose without it.", ""]
+        rows = [[label, _s(t[key]["main_ips"]), _s(t[key]["thread_ips"]), _s(t[key]["ratios"], 3)]
+                for label, key in (("glibc default (one arena per thread)", "default"),
+                                   ("MALLOC_ARENA_MAX=1", "one_arena"))]
+        lines += _table(["malloc", "main thread img/s", "second thread img/s", "thread / main"], rows)
     lines += ["## 3. Data path (cache -> augmented batch, one worker process)", ""]
     rows = [[r["backbone"], _s(r["loader_ips"]), _s(r["consumption_ips"]), _s(r["headroom"], 1),
              "yes" if r["meets_target"] else ("no" if r["preset"] == "small" else "n/a (tiny)")]

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks import gpu, overhead, report, training
+from benchmarks import gpu, overhead, report, threads, training
 from benchmarks.stats import Summary
 from transferbench.config import load_settings
 from transferbench.models import presets
@@ -183,6 +183,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: pipeline {_median(cycle):.1f} img/s, plain {_median(plain_ips):.1f} img/s, "
                   f"ratio {_median(ratios):.3f}, loader {_median(loader):.0f} img/s", flush=True)
         bench["training"], bench["data_path"] = rows, data_rows
+        # Why a Ray Train worker trains slower than the same loop in a main thread (see threads.py).
+        thread_model = settings.backbone(names[0]).model
+        bench["thread_cost"] = {"model": thread_model, "img_size": args.img_size, "batch_size": batch,
+                                **{label: {k: Summary.of(v).to_dict() for k, v in result.items()
+                                           if k != "malloc_arena_max"}
+                                   for label, result in threads.measure(
+                                       thread_model, img_size=args.img_size, batch=batch, threads=args.threads,
+                                       pairs=max(2 * args.repeats, 2), seconds=4.0 if args.quick else 8.0).items()}}
+        print(f"thread cost ({thread_model}): thread/main "
+              f"{bench['thread_cost']['default']['ratios']['median']:.3f} with glibc's default arenas, "
+              f"{bench['thread_cost']['one_arena']['ratios']['median']:.3f} with MALLOC_ARENA_MAX=1", flush=True)
 
         scaling: dict[str, Any] = {"backbone": args.scaling_backbone or names[0], "runs": []}
         if not args.no_scaling:
@@ -252,6 +263,14 @@ def closing_notes(bench: dict[str, Any]) -> list[str]:
             + ("Both are per-epoch costs: a real epoch (hundreds of steps) amortises them; this run's epochs "
                f"have only {bench['config']['steps']} steps." if r["preset"] == "tiny" or
                bench["config"]["mode"] == "quick" else ""))
+    t = bench.get("thread_cost")
+    if t:
+        notes.append(
+            f"Training thread ({t['model']}): Ray Train calls the training function in a second thread of the "
+            f"worker process. With glibc's default per-thread malloc arenas that thread ran at "
+            f"{t['default']['ratios']['median']:.3f} of the main thread's speed (every activation over 64 MB is "
+            f"mmap'd and page-faulted afresh each step); with MALLOC_ARENA_MAX=1, which the engine sets for its "
+            f"workers, at {t['one_arena']['ratios']['median']:.3f}.")
     if bench["gpu"].get("skipped"):
         notes.append(f"GPU section skipped: {bench['gpu']['skipped']}.")
     return notes
