@@ -158,9 +158,21 @@ class RayCluster:
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     def kill_node(self, index: int) -> None:
-        """SIGKILL every process of node ``index`` (its raylet, object store and workers): a lost machine."""
+        """SIGKILL every process of node ``index`` (its raylet, object store and workers) at once: a lost machine.
+
+        Ray starts each worker in a process group of its own, so signalling the node's group alone
+        would leave its workers running (and training) until they notice their raylet is gone.
+        """
+        import psutil
+
         node = self.nodes.pop(index)
+        tree = psutil.Process(node.pid).children(recursive=True)
         os.killpg(node.pid, signal.SIGKILL)
+        for process in tree:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
         node.wait(timeout=10)
 
     def stop(self) -> None:
