@@ -309,3 +309,44 @@ def test_losing_a_node_finishes_the_run_from_its_checkpoint_once(ray_two_nodes, 
     (run,) = _children(uri)  # one MLflow run, not two
     assert run.info.run_id == result["mlflow_run_id"] and run.info.status == "FINISHED"
     assert sorted(set(_steps(uri, run.info.run_id, "val_loss"))) == list(range(1, epochs + 1))
+
+
+# --------------------------------------------------------------------------- (f)
+def _train_processes() -> list[str]:
+    """Ray Train's controller and worker processes still alive on this machine."""
+    import psutil
+
+    names = []
+    for process in psutil.process_iter(["cmdline"]):
+        line = " ".join(process.info["cmdline"] or [])
+        if line.startswith(("ray::TrainController", "ray::RayTrainWorker")):
+            names.append(line)
+    return names
+
+
+def test_sigkilled_driver_resumes_from_its_checkpoint_when_the_command_is_rerun(ray_two_nodes, tmp_path: Path,
+                                                                                  toy_splits: Path) -> None:
+    epochs = 12
+    params = _params(tmp_path, toy_splits, ray={"num_workers": 2},
+                     finetune={"max_epochs": epochs, "early_stop_patience": 50})
+    process = _finetune(params, tmp_path, ray_two_nodes.env)
+    storage = tmp_path / "ray_results"
+    wait_until(lambda: any(storage.glob("toy.test_resnet.seed0.*/epoch_0003")) or process.poll() is not None,
+               timeout=300, what="the epoch-3 checkpoint")
+    assert process.poll() is None, "the run finished before its driver could be killed"
+    process.kill()  # SIGKILL: no handler, no MLflow end_run, no Ray shutdown
+    process.communicate(timeout=30)
+    # Ray ends a dead driver's job and its actors; the rerun must not race the old workers.
+    wait_until(lambda: not _train_processes(), timeout=120, what="the killed job's Ray Train processes to exit")
+    written = max(int(p.name.split("_")[1]) for p in storage.glob("toy.test_resnet.seed0.*/epoch_*"))
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    (killed,) = _children(uri)
+    assert killed.info.status == "RUNNING"  # nobody could end it
+
+    _finished(_finetune(params, tmp_path, ray_two_nodes.env))
+    result = _result(tmp_path)
+    assert len(result["resumed_at_epochs"]) == 1 and 3 <= result["resumed_at_epochs"][0] <= written
+    assert (result["epochs_run"], result["world_size"]) == (epochs, 2)
+    (run,) = _children(uri)  # the same MLflow run, finished, not a second one
+    assert run.info.run_id == killed.info.run_id == result["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert sorted(set(_steps(uri, run.info.run_id, "val_loss"))) == list(range(1, epochs + 1))
