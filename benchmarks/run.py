@@ -185,12 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         bench["training"], bench["data_path"] = rows, data_rows
         # Why a Ray Train worker trains slower than the same loop in a main thread (see threads.py).
         thread_model = settings.backbone(names[0]).model
-        bench["thread_cost"] = {"model": thread_model, "img_size": args.img_size, "batch_size": batch,
-                                **{label: {k: Summary.of(v).to_dict() for k, v in result.items()
-                                           if k != "malloc_arena_max"}
-                                   for label, result in threads.measure(
-                                       thread_model, img_size=args.img_size, batch=batch, threads=args.threads,
-                                       pairs=max(2 * args.repeats, 2), seconds=4.0 if args.quick else 8.0).items()}}
+        measured = threads.measure(thread_model, img_size=args.img_size, batch=batch, threads=args.threads,
+                                   pairs=max(2 * args.repeats, 2), seconds=4.0 if args.quick else 8.0)
+        bench["thread_cost"] = {"model": thread_model, "img_size": args.img_size, "batch_size": batch}
+        for label, result in measured.items():
+            bench["thread_cost"][label] = {k: Summary.of(result[k]).to_dict()
+                                           for k in ("main_ips", "thread_ips", "ratios")}
         print(f"thread cost ({thread_model}): thread/main "
               f"{bench['thread_cost']['default']['ratios']['median']:.3f} with glibc's default arenas, "
               f"{bench['thread_cost']['one_arena']['ratios']['median']:.3f} with MALLOC_ARENA_MAX=1", flush=True)

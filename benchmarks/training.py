@@ -122,7 +122,7 @@ class PipelineRun:
 
 
 def run_pipeline(work: Workload, *, root: Path, tracking_uri: str, num_workers: int, cpus_per_worker: float,
-                 system_metrics: bool, log_model: bool, report_interval_s: float = 0.2) -> PipelineRun:
+                 system_metrics: bool, log_model: bool, report_interval_s: float) -> PipelineRun:
     """Train ``work`` through the engine's Ray Train path and read its epochs back from MLflow."""
     from mlflow import MlflowClient
 
@@ -247,7 +247,7 @@ def loader_rate(work: Workload, *, threads: int, passes: int) -> list[float]:
 
 def alternate(work: Workload, *, repeats: int, epochs: int, threads: int, cpus_per_worker: float, root: Path,
               tracking_uri: str, system_metrics: bool, log_model: bool,
-              report_interval_s: float = 0.2) -> tuple[list[PipelineRun], list[list[float]]]:
+              report_interval_s: float) -> tuple[list[PipelineRun], list[list[float]]]:
     """Pipeline and plain loop alternated A B A B in this process; ``repeats`` pairs."""
     pipeline, plain = [], []
     for _ in range(repeats):

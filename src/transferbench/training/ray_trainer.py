@@ -21,15 +21,14 @@ run directory records that it happened).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -296,24 +295,9 @@ def _log_outcome(spec: WorkerSpec, final: dict[str, Any], outputs: dict[str, Any
         tracker.log_model(cpu_model, input_example=example, output_example=output)
 
 
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration of the block, then restore them."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
-
-
 def fit_on_ray(spec: WorkerSpec, *, run_name: str, storage_path: str, num_workers: int | tuple[int, int],
                use_gpu: bool, cpus_per_worker: float, max_failures: int, checkpoints_to_keep: int,
-               placement_strategy: str = "PACK", report_interval_s: float = 0.2) -> dict[str, Any]:
+               report_interval_s: float, placement_strategy: str = "PACK") -> dict[str, Any]:
     """Run ``train_worker`` under a TorchTrainer; returns the rank-0 outcome (``final.json``).
 
     ``num_workers``: a fixed count, or ``(min, max)`` for Ray Train's elastic training (a run
@@ -334,6 +318,6 @@ def fit_on_ray(spec: WorkerSpec, *, run_name: str, storage_path: str, num_worker
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep, checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min")))
-    with _environment({REPORT_INTERVAL_ENV: repr(float(report_interval_s))}):
+    with mock.patch.dict(os.environ, {REPORT_INTERVAL_ENV: repr(float(report_interval_s))}):  # restored after
         trainer.fit()
     return json.loads((Path(spec.run_dir) / FINAL_FILE).read_text())
