@@ -187,7 +187,7 @@ def test_smoke_study_on_the_tracking_server_equals_the_embedded_one(ray_two_node
 # --------------------------------------------------------------------------- (c)
 def test_tracking_server_restart_mid_run_loses_nothing(ray_two_nodes, mlflow_server, tmp_path: Path,
                                                        toy_splits: Path) -> None:
-    epochs = 12
+    epochs = 30  # toy epochs take a fraction of a second: enough of them that the run outlasts the first polls
     params = _params(tmp_path, toy_splits, finetune={"max_epochs": epochs, "early_stop_patience": 50})
     env = {**ray_two_nodes.env, "MLFLOW_TRACKING_URI": mlflow_server.uri}
     process = _finetune(params, tmp_path, env)

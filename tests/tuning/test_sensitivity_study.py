@@ -109,7 +109,10 @@ def test_study_completes_with_pruning_importances_plots_and_mlflow_runs(tmp_path
 
 @pytest.mark.slow
 def test_killed_study_resumes_without_redoing_finished_trials(tmp_path: Path, toy_splits: Path) -> None:
-    raw = sensitivity_params(tmp_path, toy_splits, backbones=["test_resnet"], n_trials=6)
+    # No pruning and 6 epochs a trial: every trial takes as long as the first two, so the kill lands
+    # mid-study (CI on 527acea: with pruned 3-epoch trials the last four finished between two polls).
+    raw = sensitivity_params(tmp_path, toy_splits, backbones=["test_resnet"], n_trials=6, max_epochs=6,
+                             pruner={"kind": "none"})
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
     storage = raw["sensitivity"]["storage"]
@@ -117,9 +120,11 @@ def test_killed_study_resumes_without_redoing_finished_trials(tmp_path: Path, to
     process = subprocess.Popen(command, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     before: list[optuna.trial.FrozenTrial] = []
+    study: optuna.Study | None = None  # loaded once: each poll is then one query
     while time.monotonic() < deadline and process.poll() is None:
         try:
-            before = _only_study(storage).get_trials(states=FINISHED)
+            study = study or _only_study(storage)
+            before = study.get_trials(states=FINISHED)
         except (AssertionError, KeyError, Exception):  # noqa: BLE001 -- storage not created yet
             before = []
         if len(before) >= 2:
