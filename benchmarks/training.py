@@ -29,7 +29,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,8 +169,12 @@ def create_plain_model(work: Workload) -> torch.nn.Module:
         return timm.create_model(work.entry.model, **kwargs)
 
 
-def run_plain(work: Workload, *, threads: int, epochs: int) -> list[float]:
-    """Images/s of each epoch after the first of a minimal timm + PyTorch training loop."""
+def run_plain(work: Workload, *, threads: int, epochs: int,
+              on_epoch: Callable[[], None] | None = None) -> list[float]:
+    """Images/s of each epoch after the first of a minimal timm + PyTorch training loop.
+
+    ``on_epoch`` (if given) is called at the end of every epoch, outside the timed span.
+    """
     from torch.utils.data import DataLoader
 
     torch.set_num_threads(threads)
@@ -191,6 +195,8 @@ def run_plain(work: Workload, *, threads: int, epochs: int) -> list[float]:
             seen += len(targets)
         if epoch:
             rates.append(seen / (time.perf_counter() - started))
+        if on_epoch is not None:
+            on_epoch()
     return rates
 
 
@@ -242,6 +248,8 @@ def loader_rate(work: Workload, *, threads: int, passes: int) -> list[float]:
             seen += len(images)
         if epoch:
             rates.append(seen / (time.perf_counter() - started))
+        if on_epoch is not None:
+            on_epoch()
     return rates
 
 

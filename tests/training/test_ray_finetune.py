@@ -18,7 +18,7 @@ import torch
 
 from transferbench.training.data import CachedImages
 from transferbench.training.finetune import run_finetune
-from transferbench.training.ray_trainer import FINAL_FILE, KILL_MARKER
+from transferbench.training.ray_trainer import FINAL_FILE, KILL_MARKER, WORKER_ENV
 from transferbench.training.tracking import RUN_KEY_TAG, STUDY_TAG
 
 from .conftest import toy_settings
@@ -78,6 +78,7 @@ def test_two_workers_write_metrics_curves_and_a_complete_mlflow_run(two_worker_r
     # ray.report_interval_s reaches Ray Train's processes (the workers read it from their environment).
     final = json.loads((Path(settings.ray.storage_path) / result["ray_run_name"] / FINAL_FILE).read_text())
     assert params["ray.report_interval_s"] == "0.5" and final["report_interval_s"] == 0.5
+    assert final["worker_env"] == WORKER_ENV  # the malloc settings, in the environment the workers started with
     history = client.get_metric_history(child.info.run_id, "val_loss")
     assert sorted(m.step for m in history) == list(range(1, result["epochs_run"] + 1))
     assert {"train_loss", "val_accuracy", "lr", "test_accuracy", "test_auroc"} <= set(metrics)

@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,14 +46,22 @@ from transferbench.training.metrics import (
 # Ray Train's controller poll interval; Ray copies it from the driver's environment to the
 # controller and the workers (ray.train.v2 ENV_VARS_TO_PROPAGATE).
 REPORT_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-# Environment of the training worker processes. Ray Train runs the training function in a
-# thread of the worker process, not its main thread, and glibc gives each such thread a malloc
-# arena of 64 MB mmap'd heaps: every activation bigger than that (ResNet-18's first feature map
-# at batch 32 and 224 px is ~100 MB) is then mmap'd, page-faulted and unmapped on every step.
-# One arena (the main one, which reuses freed memory) gives the thread its speed back: measured
-# here, the same timm step in a non-main thread ran at 0.77-0.97 of the main thread's speed
-# (median 0.86), and at 0.97-1.01 with MALLOC_ARENA_MAX=1 (benchmarks/README.md).
-WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
+# Environment of the training worker processes (glibc malloc; read once, when the process starts).
+# - Ray Train runs the training function in a thread of the worker process, not its main thread,
+#   and glibc gives each such thread a malloc arena of 64 MB mmap'd heaps: every activation bigger
+#   than that (ResNet-18's first feature map at batch 32 and 224 px is ~100 MB) is then mmap'd,
+#   page-faulted and unmapped on every step. MALLOC_ARENA_MAX=1: one arena, the main one. Measured
+#   here, the same timm step in a non-main thread ran at 0.77-0.97 of the main thread's speed
+#   (median 0.86), and at 0.97-1.01 with one arena.
+# - Fixed mmap/trim thresholds instead of glibc's self-adjusting ones: in a Ray Train worker the
+#   step still took ~100 fresh page faults per image (test_resnet, 64 px; 3 in a plain process),
+#   freed tensor memory going back to the kernel and being faulted in again. With these the faults
+#   go (98 -> 0.1 per image) and the step's CPU per image matches a plain process's main thread
+#   (1.70 vs 1.72 ms, one torch thread); resnet18 at 224 px, 2 threads: the pipeline went from 0.89
+#   to 0.93-1.02 of the plain loop (python -m benchmarks.cpu_account; benchmarks/README.md 1c).
+#   The cost: a worker keeps up to 1 GiB of freed heap instead of returning it to the kernel.
+WORKER_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+              "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_TOP_PAD_": str(64 << 20)}
 STATE_FILE = "state.pt"
 FINAL_FILE = "final.json"
 KILL_MARKER = "fault_injected"
@@ -250,6 +259,7 @@ def _finish(spec: WorkerSpec, session: loop.FitSession, model: torch.nn.Module, 
         "stop_reason": state.stop_reason, "resumed_at_epochs": list(state.resumed_at_epochs),
         "history": state.history, "world_size": len(nodes), "worker_nodes": nodes,
         "report_interval_s": float(os.environ.get(REPORT_INTERVAL_ENV, "nan")),
+        "worker_env": _start_environment(WORKER_ENV),
     }
     for split, (_, _, values) in outputs.items():
         final.update({f"{split}_{k}": v for k, v in values.items()})
@@ -293,6 +303,16 @@ def _log_outcome(spec: WorkerSpec, final: dict[str, Any], outputs: dict[str, Any
         with torch.no_grad():
             output = cpu_model(torch.from_numpy(example)).numpy()
         tracker.log_model(cpu_model, input_example=example, output_example=output)
+
+
+def _start_environment(keys: Iterable[str]) -> dict[str, str | None]:
+    """``keys`` as this process was started with them (what glibc read), not as ``os.environ`` has them now."""
+    try:
+        raw = Path("/proc/self/environ").read_bytes()
+    except OSError:  # not Linux
+        return {k: os.environ.get(k) for k in keys}
+    start = dict(item.decode(errors="replace").split("=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k: start.get(k) for k in keys}
 
 
 def fit_on_ray(spec: WorkerSpec, *, run_name: str, storage_path: str, num_workers: int | tuple[int, int],
