@@ -248,8 +248,6 @@ def loader_rate(work: Workload, *, threads: int, passes: int) -> list[float]:
             seen += len(images)
         if epoch:
             rates.append(seen / (time.perf_counter() - started))
-        if on_epoch is not None:
-            on_epoch()
     return rates
 
 

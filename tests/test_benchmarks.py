@@ -1,0 +1,63 @@
+"""The benchmark suite's measuring code runs (issue #8): tiny sizes, no timing asserted.
+
+Benchmarks are not timed tests; this only keeps ``python -m benchmarks.run``'s building blocks
+from breaking unnoticed between the (long) benchmark runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+
+import pytest
+from benchmarks import cpu_account, training
+
+from transferbench.config import load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _work(tmp_path: Path, *, steps: int = 2) -> training.Workload:
+    settings = load_settings(ROOT / "params.yaml")
+    protocol = dataclasses.replace(settings.finetune, mode="full", warmup_iters=0, img_size=32, batch_size=4)
+    splits = training.write_task(tmp_path, n_train=steps * 4, n_eval=4, side=40, distinct=4)
+    return training.prepare("test_resnet", settings.backbone("test_resnet"), protocol, splits_dir=splits,
+                            cache_dir=tmp_path / "cache")
+
+
+def test_plain_loop_loader_flops_and_matmul_measure_what_they_say(tmp_path: Path) -> None:
+    work = _work(tmp_path)
+    epochs_seen: list[int] = []
+    rates = training.run_plain(work, threads=1, epochs=3, on_epoch=lambda: epochs_seen.append(1))
+    assert len(rates) == 2 and len(epochs_seen) == 3  # the first epoch is warm-up, untimed
+    assert all(r > 0 and math.isfinite(r) for r in rates)
+    assert len(training.loader_rate(work, threads=1, passes=2)) == 2
+    assert training.train_flops_per_image(work, batch=2) > 0
+    (rate,) = training.matmul_rate(threads=1, size=64, repeats=1)
+    assert rate > 0
+
+
+def test_cpu_account_splits_the_step_from_everything_else() -> None:
+    me = os.getpid()
+    start = cpu_account.Mark(wall=0.0, busy=10.0, threads={1: ("loop", 1.0, 100, 5), 2: ("omp", 1.0, 50, 1),
+                                                             3: ("grpc", 0.0, 0, 0)},
+                             processes={me: ("python", 2.0), 7: ("raylet", 1.0)})
+    end = cpu_account.Mark(wall=2.0, busy=15.0, threads={1: ("loop", 3.0, 300, 9), 2: ("omp", 2.5, 90, 3),
+                                                           3: ("grpc", 0.1, 0, 0), 4: ("new", 0.2, 1, 0)},
+                           processes={me: ("python", 5.8), 7: ("raylet", 2.4)})
+    out = cpu_account.account(start, end, images=10, loop_tid=1)
+    assert out["ips"] == 5.0 and sorted(out["step_threads"]) == ["loop", "omp"]  # the pool: >= 1/4 of the loop
+    assert out["step_cpu_ms_per_image"] == pytest.approx(350.0)  # (2.0 + 1.5) s / 10
+    assert out["process_other_cpu_ms_per_image"] == pytest.approx(30.0)  # grpc 0.1 + a new thread 0.2
+    assert out["machine_other_cpu_ms_per_image"] == pytest.approx(120.0)  # busy 5.0 - this process 3.8
+    assert (out["minflt_per_image"], out["nivcsw_per_image"]) == (pytest.approx(24.0), pytest.approx(0.6))
+    assert out["other_processes_cpu_s"] == {"raylet": pytest.approx(1.4)}
+
+
+def test_cpu_account_measures_a_real_loop(tmp_path: Path) -> None:
+    work = _work(tmp_path, steps=3)
+    result = cpu_account.measured_loop(work, threads=1, epochs=3)
+    assert result["images"] == 2 * 3 * 4  # epochs after the first x steps x batch
+    assert result["step_cpu_ms_per_image"] > 0 and result["ips"] > 0 and len(result["epoch_ips"]) == 2
