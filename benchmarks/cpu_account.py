@@ -39,8 +39,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import training
+from transferbench.training.ray_trainer import WORKER_ENV, start_environment
 
 CLK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(path: str) -> tuple[str, float, int]:
+    """A ``/proc/.../stat`` file: (command name, CPU s (user + system), minor faults)."""
+    raw = Path(path).read_text()
+    fields = raw[raw.rindex(")") + 2:].split()  # fields[0] is stat field 3 (state)
+    return raw[raw.index("(") + 1:raw.rindex(")")], (int(fields[11]) + int(fields[12])) / CLK, int(fields[7])
 
 
 def _threads() -> dict[int, tuple[str, float, int, int]]:
@@ -48,14 +56,12 @@ def _threads() -> dict[int, tuple[str, float, int, int]]:
     out = {}
     for tid in os.listdir("/proc/self/task"):
         try:
-            raw = Path(f"/proc/self/task/{tid}/stat").read_text()
+            name, cpu, minflt = _stat(f"/proc/self/task/{tid}/stat")
             status = Path(f"/proc/self/task/{tid}/status").read_text()
         except OSError:
             continue
-        fields = raw[raw.rindex(")") + 2:].split()  # fields[0] is stat field 3
         nivcsw = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("nonvoluntary"))
-        out[int(tid)] = (raw[raw.index("(") + 1:raw.rindex(")")], (int(fields[11]) + int(fields[12])) / CLK,
-                         int(fields[7]), nivcsw)
+        out[int(tid)] = (name, cpu, minflt, nivcsw)
     return out
 
 
@@ -71,11 +77,10 @@ def _processes() -> dict[int, tuple[str, float]]:
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                raw = Path(f"/proc/{entry.name}/stat").read_text()
+                name, cpu, _ = _stat(f"/proc/{entry.name}/stat")
             except OSError:
                 continue
-            fields = raw[raw.rindex(")") + 2:].split()
-            out[int(entry.name)] = (raw[raw.index("(") + 1:raw.rindex(")")], (int(fields[11]) + int(fields[12])) / CLK)
+            out[int(entry.name)] = (name, cpu)
     return out
 
 
@@ -123,7 +128,7 @@ def measured_loop(work: training.Workload, *, threads: int, epochs: int) -> dict
     marks: list[Mark] = []
     rates = training.run_plain(work, threads=threads, epochs=epochs, on_epoch=lambda: marks.append(_mark()))
     batch = work.protocol.batch_size
-    per_epoch = len(training.train_dataset(work)) // batch * batch  # drop_last
+    per_epoch = len(work.filenames["train"]) // batch * batch  # drop_last
     out = account(marks[0], marks[-1], (len(marks) - 1) * per_epoch, threading.get_native_id())
     out["epoch_ips"] = rates
     return out
@@ -145,7 +150,7 @@ def _in_ray_train(work: training.Workload, *, threads: int, epochs: int, storage
 
     def train_fn(config: dict[str, Any]) -> None:
         result = measured_loop(config["work"], threads=config["threads"], epochs=config["epochs"])
-        result["malloc_arena_max"] = os.environ.get("MALLOC_ARENA_MAX")
+        result["worker_env"] = start_environment(WORKER_ENV)  # what glibc read when the worker started
         Path(config["out"]).write_text(json.dumps(result))  # one machine: the driver reads it back
 
     name = f"cpu-account-{time.monotonic_ns()}"
@@ -161,7 +166,6 @@ def _in_ray_train(work: training.Workload, *, threads: int, epochs: int, storage
 
 def main(argv: list[str] | None = None) -> int:
     from transferbench.config import load_settings
-    from transferbench.training.ray_trainer import WORKER_ENV
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default="resnet18")

@@ -259,7 +259,7 @@ def _finish(spec: WorkerSpec, session: loop.FitSession, model: torch.nn.Module, 
         "stop_reason": state.stop_reason, "resumed_at_epochs": list(state.resumed_at_epochs),
         "history": state.history, "world_size": len(nodes), "worker_nodes": nodes,
         "report_interval_s": float(os.environ.get(REPORT_INTERVAL_ENV, "nan")),
-        "worker_env": _start_environment(WORKER_ENV),
+        "worker_env": start_environment(WORKER_ENV),
     }
     for split, (_, _, values) in outputs.items():
         final.update({f"{split}_{k}": v for k, v in values.items()})
@@ -305,7 +305,7 @@ def _log_outcome(spec: WorkerSpec, final: dict[str, Any], outputs: dict[str, Any
         tracker.log_model(cpu_model, input_example=example, output_example=output)
 
 
-def _start_environment(keys: Iterable[str]) -> dict[str, str | None]:
+def start_environment(keys: Iterable[str]) -> dict[str, str | None]:
     """``keys`` as this process was started with them (what glibc read), not as ``os.environ`` has them now."""
     try:
         raw = Path("/proc/self/environ").read_bytes()
