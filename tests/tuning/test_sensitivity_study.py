@@ -146,6 +146,27 @@ def test_killed_study_resumes_without_redoing_finished_trials(tmp_path: Path, to
     assert indices == list(range(6))  # nothing re-run twice, nothing lost (the killed trial was retried)
 
 
+def test_a_trial_whose_worker_died_before_claiming_it_is_retried(tmp_path: Path, toy_splits: Path) -> None:
+    # A worker killed between Optuna's ask() and the objective's first line leaves a RUNNING trial
+    # with no owner and no heartbeat. CI on d1168e6: it held a slot, and the resumed study ended 5 of 6.
+    settings = build(Settings, sensitivity_params(tmp_path, toy_splits, backbones=["test_resnet"], n_trials=3,
+                                                  max_epochs=1, pruner={"kind": "none"}, heartbeat_interval=1,
+                                                  grace_period=3))
+    handle = prepare_study(settings, task="toy", backbone="test_resnet")
+    orphan = optuna.load_study(study_name=handle.name, storage=handle.storage_url).ask()  # its worker "died"
+    assert "worker" not in orphan.user_attrs
+    work(settings, handle, task="toy", backbone="test_resnet")
+
+    study = optuna.load_study(study_name=handle.name, storage=handle.storage_url)
+    finished = study.get_trials(states=FINISHED)
+    assert sorted(t.user_attrs["config_index"] for t in finished) == [0, 1, 2]
+    assert study.trials[orphan.number].state == optuna.trial.TrialState.FAIL
+    retried = [t for t in finished if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retried) == 1  # its configuration ran once, as the retry, with the enqueued parameters
+    assert retried[0].user_attrs["config_index"] == 0 and retried[0].params == fixed_choice(settings.finetune)
+    assert retried[0].user_attrs["worker"] != ""
+
+
 @pytest.mark.slow
 def test_two_workers_share_one_study_without_duplicates(tmp_path: Path, toy_splits: Path) -> None:
     n = 10

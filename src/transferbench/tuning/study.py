@@ -32,7 +32,8 @@ at the protocol's best epoch (lowest val loss); the test split is never looked a
   already holds, is marked FAIL with user attr ``surplus`` and never trains). A trial whose worker died is failed and re-enqueued with
   the same parameters and ``config_index``: at once when the worker was a process on this
   machine that no longer exists, otherwise by the storage heartbeat after ``grace_period``
-  (``RetryHeartbeatStaleTrialCallback``).
+  (``RetryUnclaimed``). A trial whose worker died before it could stamp it
+  is reclaimed when it has been RUNNING for ``grace_period`` (a resumed run waits for that).
 - **MLflow**: a ``sensitivity`` parent run per study name, one ``sensitivity-study`` run per
   (task, backbone) nested under it (holds the summary JSON), one ``sensitivity-trial`` run per
   trial nested under that (params, per-epoch metrics, tag ``state`` COMPLETE/PRUNED/FAIL).
@@ -40,7 +41,9 @@ at the protocol's best epoch (lowest val loss); the test split is never looked a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -48,6 +51,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +59,7 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from transferbench.cluster import configured_address, connect
 from transferbench.config import FinetuneSettings, SensitivitySettings, Settings
@@ -104,13 +108,26 @@ def redact(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+class RetryUnclaimed(optuna.storages.RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a failed trial, minus the dead worker's stamp (``worker``, ``ray_node``).
+
+    The copy is then unclaimed until a worker runs it, so no process mistakes the worker that
+    picked it up for the dead one (``reclaim_dead_trials``).
+    """
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trial = copy.copy(trial)
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("worker", "ray_node")}
+        super().__call__(study, trial)
+
+
 def open_storage(url: str, sensitivity: SensitivitySettings) -> optuna.storages.RDBStorage:
     # SQLite serialises writers: several workers wait for the lock instead of failing at once.
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     storage = optuna.storages.RDBStorage(
         url, engine_kwargs=engine, heartbeat_interval=sensitivity.heartbeat_interval,
         grace_period=sensitivity.grace_period,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+        heartbeat_stale_trial_callback=RetryUnclaimed(max_retry=2))
     if url.startswith("sqlite"):
         _serialise_sqlite_transactions(storage.engine)
     return storage
@@ -209,26 +226,53 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def reclaim_dead_trials(study: optuna.Study, storage: optuna.storages.RDBStorage) -> list[int]:
-    """Fail and re-enqueue RUNNING trials whose worker was a process on this machine that is gone.
-
-    Workers elsewhere are handled by the heartbeat (``grace_period``); here a killed local run is
-    resumed at once, its trial re-run with the same parameters and ``config_index``.
-    """
-    host, reclaimed = socket.gethostname(), []
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+def _dead_trials(study: optuna.Study, grace_period: float) -> tuple[list[FrozenTrial], float]:
+    """RUNNING trials whose worker is gone, and how many seconds until the next unclaimed one is."""
+    host, now, dead, wait = socket.gethostname(), datetime.datetime.now(), [], 0.0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = str(trial.user_attrs.get("worker", ""))
-        owner_host, _, pid = owner.rpartition(":")
-        if owner_host != host or not pid.isdigit() or _alive(int(pid)):
-            continue
-        try:
-            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                retry(study, storage.get_trial(trial._trial_id))
-                reclaimed.append(trial.number)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # another process reclaimed it first
-    return reclaimed
+        owner = trial.user_attrs.get("worker")
+        if owner is None:  # unclaimed: dead once it has been so for grace_period (a live worker takes ms)
+            age = (now - trial.datetime_start).total_seconds() if trial.datetime_start else grace_period
+            if age < grace_period:
+                wait = max(wait, grace_period - age)
+                continue
+        else:
+            owner_host, _, pid = str(owner).rpartition(":")
+            if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+                continue
+        dead.append(trial)
+    return dead, wait
+
+
+def reclaim_dead_trials(study: optuna.Study, storage: optuna.storages.RDBStorage,
+                        sensitivity: SensitivitySettings) -> list[int]:
+    """Fail and re-enqueue RUNNING trials whose worker is gone; returns their numbers.
+
+    - A trial stamped (user attr ``worker``) by a process on this machine that no longer exists is
+      reclaimed at once, its trial re-run with the same parameters and ``config_index``. Workers
+      elsewhere are handled by the storage heartbeat (``grace_period``).
+    - A trial Optuna marked RUNNING that no worker stamped lost its worker between Optuna's
+      ``ask`` and the objective's first line. It has no owner to check, and possibly no heartbeat
+      (Optuna's stale-trial check never fails those). It is reclaimed once it has been RUNNING for
+      ``grace_period``, and this call waits until then: otherwise it would hold one of the
+      ``n_trials`` slots forever, and the study would end one trial short.
+    """
+    retry = RetryUnclaimed(max_retry=2)
+    reclaimed: list[int] = []
+    while True:
+        dead, wait = _dead_trials(study, sensitivity.grace_period)
+        for trial in dead:
+            try:
+                if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                    retry(study, storage.get_trial(trial._trial_id))
+                    reclaimed.append(trial.number)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # another process reclaimed it first
+        if not wait:
+            return reclaimed
+        print(f"{study.study_name}: waiting {wait:.0f} s for a trial no worker claimed (its worker died as it "
+              f"started) to pass grace_period", file=sys.stderr)
+        time.sleep(min(wait, sensitivity.heartbeat_interval))
 
 
 # --------------------------------------------------------------------------- the study handle
@@ -431,7 +475,7 @@ def work(settings: Settings, handle: StudyHandle, *, task: str, backbone: str) -
     """One Optuna worker: run trials until the study has n_trials finished trials."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, storage = load_study(settings, handle)
-    reclaim_dead_trials(study, storage)
+    reclaim_dead_trials(study, storage, settings.sensitivity)
     n_trials = settings.sensitivity.n_trials
     if finished_count(study) >= n_trials:
         return
