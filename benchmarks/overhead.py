@@ -74,21 +74,37 @@ def ray_init(*, address: str | None, num_cpus: int) -> float:
     return time.perf_counter() - started
 
 
+# The parts of a no-op TorchTrainer's wall time (ray_worker_startup's view).
+STARTUP_PHASES = ("worker_process_s", "worker_entry_s", "teardown_s")
+
+
 def ray_worker_startup(*, storage: Path, num_workers: int, cpus_per_worker: float) -> tuple[float, dict[str, Any]]:
-    """Seconds for a TorchTrainer with a no-op worker to start, run and finish; and what the worker saw."""
+    """Seconds for a TorchTrainer with a no-op worker to start, run and finish; and what the worker saw.
+
+    The worker's view splits the start-up by wall clock (this machine's; on a remote cluster the
+    clocks of two nodes are compared): ``worker_process_s``, from ``fit()`` until Ray created the
+    worker process (the Train controller actor's start, placement group); ``worker_entry_s``, until
+    the training function was entered (the worker imports ray and torch, the gloo process group);
+    ``teardown_s``, from the function's return until ``fit()`` returned.
+    """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     view_file = storage / f"worker_view-{time.time_ns()}.json"
 
     def report_threads(config: dict[str, Any]) -> None:  # a closure: pickled by value (no benchmarks import)
+        import time
+
+        entered = time.time()
         import json
         import os
 
+        import psutil
         import torch
 
         view = {"torch_threads": torch.get_num_threads(),
-                "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset")}
+                "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+                "process_created": psutil.Process().create_time(), "entered": entered}
         with open(config["out"], "w") as fh:  # Ray Train v2 keeps no metrics reported without a checkpoint
             json.dump(view, fh)
 
@@ -97,9 +113,13 @@ def ray_worker_startup(*, storage: Path, num_workers: int, cpus_per_worker: floa
                            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
                                                         resources_per_worker={"CPU": cpus_per_worker}),
                            run_config=RunConfig(name=f"startup-{time.time_ns()}", storage_path=str(storage)))
-    started = time.perf_counter()
+    started, wall = time.perf_counter(), time.time()
     trainer.fit()
-    return time.perf_counter() - started, json.loads(view_file.read_text())
+    seconds = time.perf_counter() - started
+    view = json.loads(view_file.read_text())
+    view.update(worker_process_s=view.pop("process_created") - wall, worker_entry_s=view.pop("entered") - wall)
+    view["teardown_s"] = seconds - view["worker_entry_s"]
+    return seconds, view
 
 
 def _dvc() -> str:

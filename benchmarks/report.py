@@ -62,6 +62,11 @@ def markdown(bench: dict[str, Any]) -> str:
     lines += ["## 4. Pipeline overhead", ""]
     rows = [["ray.init (fresh local cluster)", _s(o["ray_init_s"], 2)],
             ["Ray Train worker start-up (no-op TorchTrainer)", _s(o["ray_worker_startup_s"], 2)],
+            ["... fit() -> worker process created (Train controller actor, placement group)",
+             _s(o["ray_worker_process_s"], 2)],
+            ["... fit() -> training function entered (+ worker imports ray/torch, gloo group)",
+             _s(o["ray_worker_entry_s"], 2)],
+            ["... function returned -> fit() returned", _s(o["ray_teardown_s"], 2)],
             ["MLflow store + run creation", _s(o["mlflow_setup_s"], 3)],
             ["one pipeline fine-tune: wall (fit_on_ray)", _s(o["finetune_wall_s"], 1)],
             ["one pipeline fine-tune: compute (sum of epoch_seconds)", _s(o["finetune_compute_s"], 1)],

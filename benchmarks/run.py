@@ -138,11 +138,13 @@ def main(argv: list[str] | None = None) -> int:
                                          side=round(args.img_size / 0.85))
         tracking_uri = f"sqlite:///{root / 'mlruns.db'}"
         ray_init_s = overhead.ray_init(address=args.ray_address, num_cpus=max(os.cpu_count() or 1, 2))
-        startups, view = [], {}
+        startups, view, phases = [], {}, {k: [] for k in overhead.STARTUP_PHASES}
         for _ in range(args.repeats):
             seconds, view = overhead.ray_worker_startup(storage=root / "ray_results", num_workers=1,
                                                         cpus_per_worker=float(args.threads))
             startups.append(seconds)
+            for key, values in phases.items():
+                values.append(view[key])
         if view.get("torch_threads") != args.threads:
             notes.append(f"The Ray worker ran torch with {view.get('torch_threads')} threads for "
                          f"{args.threads} CPUs (OMP_NUM_THREADS={view.get('omp_num_threads')}).")
@@ -223,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     bench["overhead"] = {
         "ray_init_s": Summary.of([ray_init_s]).to_dict(),
         "ray_worker_startup_s": Summary.of(startups).to_dict(),
+        **{f"ray_{k}": Summary.of(v).to_dict() for k, v in phases.items()},
         "ray_worker_view": {k: v for k, v in view.items() if k in ("torch_threads", "omp_num_threads")},
         "mlflow_setup_s": Summary.of([r.mlflow_setup_s for r in pipeline_runs]).to_dict(),
         "finetune_wall_s": Summary.of([r.wall_s for r in pipeline_runs]).to_dict(),

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 import pytest
-from benchmarks import cpu_account, training
+from benchmarks import cpu_account, overhead, training
+from training.conftest import ray_cluster  # noqa: F401  (the fine-tuning tests' local Ray cluster)
 
 from transferbench.config import load_settings
 
@@ -61,3 +62,13 @@ def test_cpu_account_measures_a_real_loop(tmp_path: Path) -> None:
     result = cpu_account.measured_loop(work, threads=1, epochs=3)
     assert result["images"] == 2 * 3 * 4  # epochs after the first x steps x batch
     assert result["step_cpu_ms_per_image"] > 0 and result["ips"] > 0 and len(result["epoch_ips"]) == 2
+
+
+@pytest.mark.slow
+def test_ray_worker_startup_splits_into_ordered_phases(tmp_path: Path, ray_cluster: None) -> None:
+    seconds, view = overhead.ray_worker_startup(storage=tmp_path, num_workers=1, cpus_per_worker=1.0)
+    assert view["torch_threads"] >= 1
+    # the worker process exists before its function is entered, and both happen inside fit()
+    assert 0 < view["worker_process_s"] < view["worker_entry_s"] < seconds
+    assert view["teardown_s"] == pytest.approx(seconds - view["worker_entry_s"])
+    assert set(overhead.STARTUP_PHASES) <= set(view)
