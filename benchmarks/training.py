@@ -236,6 +236,39 @@ def matmul_rate(*, threads: int, size: int, repeats: int, dtype: torch.dtype = t
     return rates
 
 
+# Dense fp32 convolutions for the CPU ceiling, (name, batch, channels, side, kernel): PyTorch runs
+# them through oneDNN's own kernels, torch.mm through the BLAS (MKL). On this AMD EPYC, MKL's sgemm
+# reaches ~185 GFLOP/s and oneDNN's convolutions 300-360: a ResNet's training step beats "the
+# matmul rate", so the ceiling is the best of the three.
+CONV_KERNELS = (("conv1x1", 16, 2048, 16, 1), ("conv3x3", 32, 256, 28, 3))
+
+
+def conv_rate(*, threads: int, batch: int, channels: int, side: int, kernel: int, repeats: int) -> list[float]:
+    """FLOP/s of a dense ``kernel`` x ``kernel`` convolution (``channels`` in and out, stride 1, same
+    padding, no bias), 2 FLOPs per multiply-add as the FLOP counter counts them; one value per repeat."""
+    torch.set_num_threads(threads)
+    conv = torch.nn.Conv2d(channels, channels, kernel, padding=kernel // 2, bias=False)
+    x = torch.randn(batch, channels, side, side)
+    flops = 2 * batch * channels * channels * kernel * kernel * side * side
+    rates = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            started = time.perf_counter()
+            conv(x)
+            if i:
+                rates.append(flops / (time.perf_counter() - started))
+    return rates
+
+
+def dense_rates(*, threads: int, matmul_size: int, repeats: int) -> dict[str, list[float]]:
+    """FLOP/s per dense kernel: ``mm`` (BLAS) and ``CONV_KERNELS`` (oneDNN); the ceiling is the best median."""
+    rates = {"mm": matmul_rate(threads=threads, size=matmul_size, repeats=repeats)}
+    for name, batch, channels, side, kernel in CONV_KERNELS:
+        rates[name] = conv_rate(threads=threads, batch=batch, channels=channels, side=side, kernel=kernel,
+                                repeats=repeats)
+    return rates
+
+
 def loader_rate(work: Workload, *, threads: int, passes: int) -> list[float]:
     """Images/s of the training data path alone: cached uint8 -> crop/rotate/flip -> normalised batch."""
     torch.set_num_threads(threads)

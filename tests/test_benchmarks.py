@@ -38,6 +38,8 @@ def test_plain_loop_loader_flops_and_matmul_measure_what_they_say(tmp_path: Path
     assert training.train_flops_per_image(work, batch=2) > 0
     (rate,) = training.matmul_rate(threads=1, size=64, repeats=1)
     assert rate > 0
+    (conv,) = training.conv_rate(threads=1, batch=1, channels=8, side=8, kernel=3, repeats=1)
+    assert conv > 0
 
 
 def test_cpu_account_splits_the_step_from_everything_else() -> None:
