@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help=f"A/B pairs per backbone (default {FULL['repeats']})")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="CPUs of the Ray worker = torch threads of the plain loop (default: all, %(default)s)")
-    p.add_argument("--matmul-size", type=int, help=f"matmul side, one of the ceiling's kernels (default {FULL['matmul_size']})")
+    p.add_argument("--matmul-size", type=int,
+                   help=f"matmul side, one of the ceiling's kernels (default {FULL['matmul_size']})")
     p.add_argument("--loader-passes", type=int, help="timed passes over the data path")
     p.add_argument("--scaling-backbone", help="backbone of the 1-vs-2-worker run (default: the first one)")
     p.add_argument("--no-scaling", action="store_true", help="skip the 1-vs-2-worker run")

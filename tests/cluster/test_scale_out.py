@@ -255,7 +255,7 @@ def test_sensitivity_on_postgres_with_two_ray_workers_and_one_killed(ray_two_nod
         if process.poll() is not None:
             return True
         if not studies:
-            names = [s.study_name for s in optuna.get_all_study_summaries(storage)] if _has_tables(storage) else []
+            names = [s.study_name for s in optuna.get_all_study_summaries(storage)] if _study_created(storage) else []
             if not names:
                 return False
             studies.append(optuna.load_study(study_name=names[0], storage=storage))
@@ -287,12 +287,21 @@ def test_sensitivity_on_postgres_with_two_ray_workers_and_one_killed(ray_two_nod
     assert nodes == {node["node_id"] for node in ray_two_nodes.alive_nodes()}  # trials ran on both nodes
 
 
-def _has_tables(url: str) -> bool:
+def _study_created(url: str) -> bool:
+    """Whether the command has created its study, asked in plain SQL.
+
+    Opening an Optuna storage on a schema still being created races the command's own schema
+    set-up (CI on 7f65a5c: both created ``alembic_version``, UniqueViolation). The command creates
+    the study only after its storage's schema is complete, so a study row means it is safe.
+    """
     import sqlalchemy
 
     engine = sqlalchemy.create_engine(url)
     try:
-        return sqlalchemy.inspect(engine).has_table("studies")
+        if not sqlalchemy.inspect(engine).has_table("studies"):
+            return False
+        with engine.connect() as connection:
+            return bool(connection.execute(sqlalchemy.text("SELECT count(*) FROM studies")).scalar())
     finally:
         engine.dispose()
 
