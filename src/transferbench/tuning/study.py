@@ -46,6 +46,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import logging
 import math
 import os
 import socket
@@ -73,6 +74,7 @@ from transferbench.training.tracking import RunRegistry, resolve_tracking_uri
 # QMCSampler, heartbeats and the retry callback are marked experimental; the pins fix their behaviour.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
+log = logging.getLogger(__name__)
 STORAGE_ENV = "OPTUNA_STORAGE"
 RAY_NODE_ENV = "TRANSFERBENCH_RAY_NODE"
 # The driver's service URIs travel to Ray workers (which inherit the raylet's environment, not ours).
@@ -257,7 +259,7 @@ def reclaim_dead_trials(study: optuna.Study, storage: optuna.storages.RDBStorage
       ``grace_period``, and this call waits until then: otherwise it would hold one of the
       ``n_trials`` slots forever, and the study would end one trial short.
     """
-    retry = RetryUnclaimed(max_retry=2)
+    retry = storage.get_heartbeat_stale_trial_callback()  # open_storage's RetryUnclaimed: one retry policy
     reclaimed: list[int] = []
     while True:
         dead, wait = _dead_trials(study, sensitivity.grace_period)
@@ -270,8 +272,8 @@ def reclaim_dead_trials(study: optuna.Study, storage: optuna.storages.RDBStorage
                 pass  # another process reclaimed it first
         if not wait:
             return reclaimed
-        print(f"{study.study_name}: waiting {wait:.0f} s for a trial no worker claimed (its worker died as it "
-              f"started) to pass grace_period", file=sys.stderr)
+        log.warning("%s: waiting %.0f s for a trial no worker claimed (its worker died as it started) to pass "
+                    "grace_period", study.study_name, wait)
         time.sleep(min(wait, sensitivity.heartbeat_interval))
 
 
