@@ -214,6 +214,24 @@ def train_flops_per_image(work: Workload, *, batch: int = 4) -> float:
     return counter.get_total_flops() / batch
 
 
+def _rates(op: Callable[[], object], flops: float, *, repeats: int, per_repeat: int = 1,
+           sync: Callable[[], None] | None = None) -> list[float]:
+    """FLOP/s of ``op`` (``flops`` a call), one value per repeat of ``per_repeat`` calls, after one warm-up."""
+    rates = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            if sync is not None:
+                sync()
+            started = time.perf_counter()
+            for _ in range(per_repeat):
+                op()
+            if sync is not None:
+                sync()
+            if i:
+                rates.append(per_repeat * flops / (time.perf_counter() - started))
+    return rates
+
+
 def matmul_rate(*, threads: int, size: int, repeats: int, dtype: torch.dtype = torch.float32,
                 device: str = "cpu") -> list[float]:
     """FLOP/s of a dense ``size`` x ``size`` matmul, one value per repeat (after one warm-up)."""
@@ -221,19 +239,9 @@ def matmul_rate(*, threads: int, size: int, repeats: int, dtype: torch.dtype = t
         torch.set_num_threads(threads)
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
-    per_repeat = 1 if device == "cpu" else 20
-    rates = []
-    for i in range(repeats + 1):
-        if device != "cpu":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(per_repeat):
-            torch.mm(a, b)
-        if device != "cpu":
-            torch.cuda.synchronize()
-        if i:
-            rates.append(per_repeat * 2 * size**3 / (time.perf_counter() - started))
-    return rates
+    on_cpu = device == "cpu"
+    return _rates(lambda: torch.mm(a, b), 2 * size**3, repeats=repeats, per_repeat=1 if on_cpu else 20,
+                  sync=None if on_cpu else torch.cuda.synchronize)
 
 
 # Dense fp32 convolutions for the CPU ceiling, (name, batch, channels, side, kernel): PyTorch runs
@@ -249,15 +257,8 @@ def conv_rate(*, threads: int, batch: int, channels: int, side: int, kernel: int
     torch.set_num_threads(threads)
     conv = torch.nn.Conv2d(channels, channels, kernel, padding=kernel // 2, bias=False)
     x = torch.randn(batch, channels, side, side)
-    flops = 2 * batch * channels * channels * kernel * kernel * side * side
-    rates = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            started = time.perf_counter()
-            conv(x)
-            if i:
-                rates.append(flops / (time.perf_counter() - started))
-    return rates
+    return _rates(lambda: conv(x), 2 * batch * channels * channels * kernel * kernel * side * side,
+                  repeats=repeats)
 
 
 def dense_rates(*, threads: int, matmul_size: int, repeats: int) -> dict[str, list[float]]:
