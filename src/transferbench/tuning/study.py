@@ -24,6 +24,8 @@ at the protocol's best epoch (lowest val loss); the test split is never looked a
   SQLAlchemy URL for a shared study; ``$OPTUNA_STORAGE`` overrides) with heartbeats. The study
   name is ``<study.name>/<task>/<backbone>/<key>`` (key: hash of everything that defines the
   study except ``n_trials``), loaded if it exists: rerunning a killed command continues it.
+  Opening (``transferbench.tuning.storage``) is safe from several processes at once, on a
+  database that has no schema yet.
   ``n_trials`` counts finished (complete + pruned) trials.
 - **Parallelism**: several Optuna worker processes on one storage (``--workers N`` spawns N on
   this machine; the same command on other machines against one RDB URL joins the study).
@@ -41,7 +43,6 @@ at the protocol's best epoch (lowest val loss); the test split is never looked a
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime
 import hashlib
@@ -70,12 +71,12 @@ from transferbench.models import InputSpec, build_classifier, effective_img_size
 from transferbench.training import loop
 from transferbench.training.data import CachedImages, build_cache, eval_loader, read_manifests, train_loader
 from transferbench.training.tracking import RunRegistry, resolve_tracking_uri
+from transferbench.tuning.storage import STORAGE_ENV, open_storage, redact, resolve_storage_url
 
 # QMCSampler, heartbeats and the retry callback are marked experimental; the pins fix their behaviour.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 log = logging.getLogger(__name__)
-STORAGE_ENV = "OPTUNA_STORAGE"
 RAY_NODE_ENV = "TRANSFERBENCH_RAY_NODE"
 # The driver's service URIs travel to Ray workers (which inherit the raylet's environment, not ours).
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", STORAGE_ENV, "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
@@ -90,72 +91,7 @@ class StudyFull(TransferbenchError):
     """Raised inside a trial that found all n_trials slots taken (the trial is marked FAIL)."""
 
 
-# --------------------------------------------------------------------------- storage, sampler, pruner
-def resolve_storage_url(configured: str) -> str:
-    """$OPTUNA_STORAGE, else params; a relative SQLite path is made absolute and its folder created."""
-    url = os.environ.get(STORAGE_ENV) or configured
-    prefix = "sqlite:///"
-    if url.startswith(prefix):
-        path = Path(url[len(prefix):])
-        path = path if path.is_absolute() else path.resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        url = prefix + str(path)
-    return url
-
-
-def redact(url: str) -> str:
-    """The URL without its password (for JSON and MLflow)."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
-class RetryUnclaimed(optuna.storages.RetryHeartbeatStaleTrialCallback):
-    """Optuna's retry of a failed trial, minus the dead worker's stamp (``worker``, ``ray_node``).
-
-    The copy is then unclaimed until a worker runs it, so no process mistakes the worker that
-    picked it up for the dead one (``reclaim_dead_trials``).
-    """
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        trial = copy.copy(trial)
-        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("worker", "ray_node")}
-        super().__call__(study, trial)
-
-
-def open_storage(url: str, sensitivity: SensitivitySettings) -> optuna.storages.RDBStorage:
-    # SQLite serialises writers: several workers wait for the lock instead of failing at once.
-    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    storage = optuna.storages.RDBStorage(
-        url, engine_kwargs=engine, heartbeat_interval=sensitivity.heartbeat_interval,
-        grace_period=sensitivity.grace_period,
-        heartbeat_stale_trial_callback=RetryUnclaimed(max_retry=2))
-    if url.startswith("sqlite"):
-        _serialise_sqlite_transactions(storage.engine)
-    return storage
-
-
-def _serialise_sqlite_transactions(engine: Any) -> None:
-    """Every transaction on this SQLite engine starts with ``BEGIN IMMEDIATE`` (SQLAlchemy's recipe).
-
-    Optuna claims a WAITING trial with read-then-update under ``SELECT ... FOR UPDATE``, a row
-    lock PostgreSQL honours and SQLite ignores; and Python's sqlite3 runs that SELECT outside any
-    transaction. Two workers could then both read WAITING and both run the same trial (seen in
-    CI: "Cannot tell a COMPLETE trial"). With the write lock taken at BEGIN, they queue instead.
-    """
-    from sqlalchemy import event
-
-    @event.listens_for(engine, "connect")
-    def _no_implicit_transactions(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None  # SQLAlchemy's BEGIN below, not sqlite3's own
-
-    @event.listens_for(engine, "begin")
-    def _begin_immediate(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-    engine.dispose()  # connections opened while the schema was set up predate the listeners
-
-
+# --------------------------------------------------------------------------- sampler, pruner
 def make_sampler(sensitivity: SensitivitySettings) -> optuna.samplers.BaseSampler:
     seed = sensitivity.seed
     if sensitivity.sampler == "qmc":
