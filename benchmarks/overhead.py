@@ -2,6 +2,9 @@
 
 - ``ray_startup``: ``ray.init`` of a fresh local cluster, then a ``TorchTrainer`` whose worker
   only reports its torch thread count (so the report also shows the threads Ray gives a worker).
+- ``ray_train_helpers``: CPU s/s of Ray Train's helper actors (controller, placement-group
+  cleaner, preemption watcher, ...) while a one-worker TorchTrainer's function idles: what a
+  run takes from the machine besides training.
 - ``dvc_noop``: wall time of ``dvc repro`` when ``dvc status`` says every stage is up to date;
   not measured otherwise (it would then run the pipeline).
 - ``smoke_study`` (opt-in, ~25 min on 2 cores): ``transferbench fetch`` + ``dvc repro`` of the
@@ -20,10 +23,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from benchmarks.stats import Summary
 
 
 class PeakTreeMemory:
@@ -120,6 +126,108 @@ def ray_worker_startup(*, storage: Path, num_workers: int, cpus_per_worker: floa
     view.update(worker_process_s=view.pop("process_created") - wall, worker_entry_s=view.pop("entered") - wall)
     view["teardown_s"] = seconds - view["worker_entry_s"]
     return seconds, view
+
+
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """Every process on the machine: pid -> (name, CPU s so far, user + system).
+
+    A Ray worker process is named by its actor class (``ray::TrainController.run`` ->
+    ``ray::TrainController``), any other process by its executable; this one is ``benchmark``.
+    """
+    out = {}
+    for proc in psutil.process_iter(["cmdline", "name"]):
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        argv0 = (proc.info["cmdline"] or [proc.info["name"] or "?"])[0]
+        name = argv0.split(".")[0] if argv0.startswith("ray::") else Path(argv0.split()[0] or "?").name
+        out[proc.pid] = ("benchmark" if proc.pid == os.getpid() else name, times.user + times.system)
+    return out
+
+
+# The training worker itself and Ray's pooled idle workers are not Ray Train helpers.
+NOT_HELPERS = ("ray::RayTrainWorker", "ray::IDLE")
+
+
+def ray_train_helpers(*, storage: Path, cpus_per_worker: float, settle_s: float = 10.0,
+                      window_s: float = 15.0) -> dict[str, Any]:
+    """CPU seconds per second of every process while a one-worker TorchTrainer's function idles.
+
+    The training function only waits, so what the window sees is what a Ray Train run costs
+    the machine besides training: its helper actors (``ray::`` processes other than the worker:
+    TrainController, PlacementGroupCleaner, PreemptionWatcher, SynchronizationActor, ...), the
+    idle worker's own Ray threads, and Ray's daemons (raylet, gcs_server, the per-node agents),
+    which the plain loop's process pays for too (Ray is initialised in both arms). Helpers are
+    the ``ray::`` processes that the run started, the worker and idle pooled workers aside. The
+    window opens ``settle_s`` after the function is entered and lasts ``window_s``: Ray starts
+    some helpers after the worker group, and each spends its first seconds importing (with 3 s,
+    on a busy machine, the window caught that start-up: ~1 CPU s/s instead of ~0.06). ``train_helpers_cpu_per_s`` sums the helpers;
+    ``machine_share`` is that over the machine's CPUs.
+    """
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    stamp = time.time_ns()
+    entered, release = storage / f"helpers-entered-{stamp}", storage / f"helpers-release-{stamp}"
+
+    def idle(config: dict[str, Any]) -> None:  # a closure: pickled by value (no benchmarks import)
+        import pathlib
+        import time
+
+        pathlib.Path(config["entered"]).touch()
+        deadline = time.monotonic() + config["timeout_s"]
+        while not pathlib.Path(config["release"]).exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+    storage.mkdir(parents=True, exist_ok=True)
+    timeout_s = 120 + settle_s + window_s
+    trainer = TorchTrainer(idle, train_loop_config={"entered": str(entered), "release": str(release),
+                                                    "timeout_s": timeout_s},
+                           scaling_config=ScalingConfig(num_workers=1, use_gpu=False,
+                                                        resources_per_worker={"CPU": cpus_per_worker}),
+                           run_config=RunConfig(name=f"helpers-{stamp}", storage_path=str(storage)))
+    existing = set(process_cpu())
+    fit = threading.Thread(target=trainer.fit, name="ray-train-helpers-fit", daemon=True)
+    fit.start()
+    deadline = time.monotonic() + timeout_s
+    while not entered.exists():
+        if not fit.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the idle TorchTrainer never entered its function ({entered} missing)")
+        time.sleep(0.2)
+    time.sleep(settle_s)
+    before, started = process_cpu(), time.perf_counter()
+    time.sleep(window_s)
+    after, seconds = process_cpu(), time.perf_counter() - started
+    release.touch()
+    fit.join(timeout=120)
+    if fit.is_alive():
+        raise RuntimeError(f"the idle TorchTrainer did not finish within 120 s of its release ({release})")
+
+    def rates(pids: Iterable[int]) -> dict[str, float]:  # CPU s per s, summed by process name
+        out: dict[str, float] = {}
+        for pid in pids:
+            name, cpu = after[pid]
+            out[name] = out.get(name, 0.0) + (cpu - before.get(pid, (name, 0.0))[1]) / seconds
+        return out
+
+    by_process = rates(after)
+    helpers = rates(pid for pid, (name, _) in after.items()
+                    if pid not in existing and name.startswith("ray::") and name not in NOT_HELPERS)
+    total = sum(helpers.values())
+    cpus = psutil.cpu_count() or 1
+    return {"window_s": seconds, "cpus": cpus, "train_helpers": helpers, "train_helpers_cpu_per_s": total,
+            "machine_share": total / cpus, "worker_idle_cpu_per_s": by_process.get("ray::RayTrainWorker", 0.0),
+            "by_process": dict(sorted(by_process.items(), key=lambda kv: -kv[1]))}
+
+
+def summarise_helpers(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """``ray_train_helpers`` runs -> each helper's and the total's median and spread (CPU s per s)."""
+    names = sorted({name for run in runs for name in run["train_helpers"]})
+    return {"window_s": Summary.of([r["window_s"] for r in runs]).to_dict(), "cpus": runs[0]["cpus"],
+            "cpu_per_s": {n: Summary.of([r["train_helpers"].get(n, 0.0) for r in runs]).to_dict() for n in names},
+            **{k: Summary.of([r[k] for r in runs]).to_dict()
+               for k in ("train_helpers_cpu_per_s", "machine_share", "worker_idle_cpu_per_s")}}
 
 
 def _dvc() -> str:

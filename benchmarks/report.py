@@ -95,13 +95,24 @@ def markdown(bench: dict[str, Any]) -> str:
         rows.append(["CI smoke study", f"not measured: {smoke['not_measured']}"])
     lines += _table(["what", "seconds (or as stated)"], rows)
     lines += [f"Ray worker saw: {o['ray_worker_view']}.", ""]
+    h = o.get("ray_train_helpers")
+    if h:
+        lines += [f"Ray Train's helper processes while a one-worker run's training function idles "
+                  f"({_s(h['window_s'], 0)} s windows, {h['cpus']} CPUs): CPU seconds per second. They run "
+                  "throughout every fine-tune, beside the worker; Ray's daemons, which the plain loop's process "
+                  "has too, are not counted.", ""]
+        rows = [[name, _s(v, 3)] for name, v in h["cpu_per_s"].items()]
+        rows += [["all helpers", _s(h["train_helpers_cpu_per_s"], 3)],
+                 ["all helpers, share of the machine", _s(h["machine_share"], 3)],
+                 ["(the idle worker's own Ray threads)", _s(h["worker_idle_cpu_per_s"], 3)]]
+        lines += _table(["process", "CPU s/s"], rows)
     s = bench["scaling"]
     lines += [f"## 5. Scaling on this machine ({s['backbone']}, pipeline path, 1 CPU per worker)", ""]
     rows = [[str(r["num_workers"]), str(r["cpus_per_worker"]), _s(r["images_per_s"]),
              _s(r["speedup"], 2) if r.get("speedup") else "1.00"] for r in s["runs"]]
     lines += _table(["workers", "CPUs/worker", "img/s (epoch cycle)", "speed-up vs 1 worker"], rows)
     g = bench["gpu"]
-    lines += ["## 5. GPU ceiling (bf16)", ""]
+    lines += ["## 5b. GPU ceiling (bf16)", ""]
     if "skipped" in g:
         lines += [f"Skipped: {g['skipped']}.", ""]
     else:

@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             startups.append(seconds)
             for key, values in phases.items():
                 values.append(view[key])
+        helper_runs = [overhead.ray_train_helpers(storage=root / "ray_results", cpus_per_worker=float(args.threads),
+                                                  window_s=5.0 if args.quick else 15.0)
+                       for _ in range(args.repeats)]
         if view.get("torch_threads") != args.threads:
             notes.append(f"The Ray worker ran torch with {view.get('torch_threads')} threads for "
                          f"{args.threads} CPUs (OMP_NUM_THREADS={view.get('omp_num_threads')}).")
@@ -234,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "ray_worker_startup_s": Summary.of(startups).to_dict(),
         **{f"ray_{k}": Summary.of(v).to_dict() for k, v in phases.items()},
         "ray_worker_view": {k: v for k, v in view.items() if k in ("torch_threads", "omp_num_threads")},
+        "ray_train_helpers": overhead.summarise_helpers(helper_runs),
         "mlflow_setup_s": Summary.of([r.mlflow_setup_s for r in pipeline_runs]).to_dict(),
         "finetune_wall_s": Summary.of([r.wall_s for r in pipeline_runs]).to_dict(),
         "finetune_compute_s": Summary.of([r.compute_s for r in pipeline_runs]).to_dict(),
@@ -258,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 def closing_notes(bench: dict[str, Any]) -> list[str]:
     """What costs the pipeline its throughput, per backbone below the target, from the measured split."""
     notes = []
+    helpers = bench["overhead"].get("ray_train_helpers", {}).get("machine_share", {}).get("median")
     for r in bench["training"]:
         ratio, cycle, compute, plain = (r[k]["median"] for k in ("ratio", "pipeline_ips", "pipeline_compute_ips",
                                                                  "plain_ips"))
@@ -271,8 +276,12 @@ def closing_notes(bench: dict[str, Any]) -> list[str]:
             f"ray.train.report, MLflow log_metrics), and loop.fit's own epoch (steps + the val pass, metric "
             f"gathering, per-step freeze/lr bookkeeping) runs at {1 - in_loop:.1%} of the plain loop's rate. "
             + ("Both are per-epoch costs: a real epoch (hundreds of steps) amortises them; this run's epochs "
-               f"have only {bench['config']['steps']} steps." if r["preset"] == "tiny" or
-               bench["config"]["mode"] == "quick" else ""))
+               f"have only {bench['config']['steps']} steps. " if r["preset"] == "tiny" or
+               bench["config"]["mode"] == "quick" else "")
+            + (f"Ray Train's helper processes (controller, placement-group cleaner, preemption watcher, ...) "
+               f"took {helpers:.1%} of the machine's CPU beside the worker throughout (section 4); Ray Train starts "
+               "them for every run, and only the preemption watcher has a switch "
+               "(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER)." if helpers is not None else ""))
     t = bench.get("thread_cost")
     if t:
         notes.append(

@@ -74,3 +74,20 @@ def test_ray_worker_startup_splits_into_ordered_phases(tmp_path: Path, ray_clust
     assert 0 < view["worker_process_s"] < view["worker_entry_s"] < seconds
     assert view["teardown_s"] == pytest.approx(seconds - view["worker_entry_s"])
     assert set(overhead.STARTUP_PHASES) <= set(view)
+
+
+@pytest.mark.slow
+def test_ray_train_helpers_are_counted_apart_from_the_worker_and_ray_daemons(tmp_path: Path, ray_cluster: None) -> None:
+    result = overhead.ray_train_helpers(storage=tmp_path, cpus_per_worker=1.0, settle_s=5.0, window_s=3.0)
+    helpers = result["train_helpers"]
+    # the run's own actors are helpers; the worker, pooled idle workers, daemons and this process are not
+    assert {"ray::TrainController", "ray::PlacementGroupCleaner"} <= set(helpers)
+    assert not set(helpers) & {"ray::RayTrainWorker", "ray::IDLE", "raylet", "gcs_server", "benchmark"}
+    assert {"ray::RayTrainWorker", "raylet", "gcs_server", "benchmark"} <= set(result["by_process"])
+    assert all(rate >= 0 for rate in result["by_process"].values())
+    assert result["window_s"] >= 3.0
+    assert result["train_helpers_cpu_per_s"] == pytest.approx(sum(helpers.values()))
+    assert result["machine_share"] == pytest.approx(result["train_helpers_cpu_per_s"] / result["cpus"])
+    summary = overhead.summarise_helpers([result, result])
+    assert summary["train_helpers_cpu_per_s"]["median"] == pytest.approx(result["train_helpers_cpu_per_s"])
+    assert set(summary["cpu_per_s"]) == set(helpers)
