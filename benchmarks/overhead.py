@@ -7,10 +7,11 @@
   run takes from the machine besides training.
 - ``dvc_noop``: wall time of ``dvc repro`` when ``dvc status`` says every stage is up to date;
   not measured otherwise (it would then run the pipeline).
-- ``smoke_study`` (opt-in, ~25 min on 2 cores): ``transferbench fetch`` + ``dvc repro`` of the
-  committed smoke study in a temporary ``git clone`` (the checkout is never touched), with the
-  peak summed RSS of the process tree, split into compute (every MLflow run's ``epoch_seconds``)
-  and setup (the rest: Ray and worker start-up, MLflow stores, data stages, model logging).
+- ``smoke_study`` (opt-in, ~15 min on 2 cores): ``transferbench fetch`` + ``transferbench
+  with-ray -- dvc repro`` (what ``make repro`` runs) of the committed smoke study in a
+  temporary ``git clone`` (the checkout is never touched), with the peak summed RSS of the
+  process tree, split into compute (every MLflow run's ``epoch_seconds``) and setup (the rest:
+  Ray and worker start-up, MLflow stores, data stages, model logging).
 """
 
 from __future__ import annotations
@@ -162,8 +163,9 @@ def ray_train_helpers(*, storage: Path, cpus_per_worker: float, settle_s: float 
     the ``ray::`` processes that the run started, the worker and idle pooled workers aside. The
     window opens ``settle_s`` after the function is entered and lasts ``window_s``: Ray starts
     some helpers after the worker group, and each spends its first seconds importing (with 3 s,
-    on a busy machine, the window caught that start-up: ~1 CPU s/s instead of ~0.06). ``train_helpers_cpu_per_s`` sums the helpers;
-    ``machine_share`` is that over the machine's CPUs.
+    on a busy machine, the window caught that start-up: ~1 CPU s/s instead of ~0.06).
+    ``train_helpers_cpu_per_s`` sums the helpers; ``machine_share`` is that over the machine's
+    CPUs.
     """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -287,7 +289,9 @@ def smoke_study(repo: Path, *, mirror: str | None) -> dict[str, Any]:
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
                "TRANSFERBENCH_DATA_MIRROR": str(Path(mirror).resolve())}
         env.pop("MLFLOW_TRACKING_URI", None)
-        command = f"{bin_dir / 'transferbench'} fetch && {bin_dir / 'dvc'} repro"
+        # as `make repro` runs it: every stage on one Ray head node for the whole run
+        tb = bin_dir / "transferbench"
+        command = f"{tb} fetch && {tb} with-ray -- {bin_dir / 'dvc'} repro"
         started = time.perf_counter()
         proc = subprocess.Popen(["bash", "-c", command], cwd=clone, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)

@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-scaling", action="store_true", help="skip the 1-vs-2-worker run")
     p.add_argument("--no-dvc", action="store_true", help="do not run dvc status / no-op dvc repro")
     p.add_argument("--with-smoke-study", action="store_true",
-                   help="also time the CI smoke study (`dvc repro` in a temporary clone; ~25 min on 2 cores)")
+                   help="also time the CI smoke study (`make repro`'s `with-ray -- dvc repro` in a temporary "
+                        "clone; ~15 min on 2 cores)")
     p.add_argument("--compile", action="store_true", help="GPU section: also time torch.compile")
     p.add_argument("--gpu-batch", type=int, default=64, help="GPU section batch (default %(default)s)")
     p.add_argument("--gpu-steps", type=int, help="GPU section timed steps per repeat")
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "dvc_noop": {"not_measured": "--no-dvc"} if args.no_dvc
         else overhead.dvc_noop(Path.cwd(), repeats=max(args.repeats, 1)),
         "smoke_study": overhead.smoke_study(Path.cwd(), mirror=os.environ.get("TRANSFERBENCH_DATA_MIRROR"))
-        if args.with_smoke_study else {"not_measured": "opt-in: --with-smoke-study (~25 min on 2 cores)"},
+        if args.with_smoke_study else {"not_measured": "opt-in: --with-smoke-study (~15 min on 2 cores)"},
     }
     noop = bench["overhead"]["dvc_noop"]
     if "seconds" in noop:
