@@ -18,7 +18,8 @@ from ``/proc/self/task/*/stat`` and ``/proc/stat``:
 - CPU seconds per image of every other process on the machine (``/proc/stat`` busy time minus
   this process's);
 - minor page faults and involuntary context switches per image of the step's threads;
-- the CPU seconds of every other process, by name (Ray's daemons and Ray Train's actors).
+- the CPU seconds of every other process, by name (Ray's daemons and Ray Train's actors, named by
+  their actor class: ``overhead.process_cpu``).
 
 CPU seconds and fault counts do not depend on how busy the machine is, so the places compare
 even on a noisy machine: more step CPU per image means the step itself is slower there; the same
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import training
+from benchmarks.overhead import cpu_used_by_name, process_cpu
 from transferbench.training.ray_trainer import WORKER_ENV, start_environment
 
 CLK = os.sysconf("SC_CLK_TCK")
@@ -71,19 +73,6 @@ def _machine_busy() -> float:
     return (sum(values[:8]) - values[3] - values[4]) / CLK
 
 
-def _processes() -> dict[int, tuple[str, float]]:
-    """Every process on the machine: pid -> (command name, CPU s of all its threads)."""
-    out = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                name, cpu, _ = _stat(f"/proc/{entry.name}/stat")
-            except OSError:
-                continue
-            out[int(entry.name)] = (name, cpu)
-    return out
-
-
 @dataclasses.dataclass
 class Mark:
     wall: float
@@ -93,7 +82,7 @@ class Mark:
 
 
 def _mark() -> Mark:
-    return Mark(time.perf_counter(), _machine_busy(), _threads(), _processes())
+    return Mark(time.perf_counter(), _machine_busy(), _threads(), process_cpu())
 
 
 def account(start: Mark, end: Mark, images: int, loop_tid: int) -> dict[str, Any]:
@@ -108,10 +97,7 @@ def account(start: Mark, end: Mark, images: int, loop_tid: int) -> dict[str, Any
     step = {tid for tid, c in cpu.items() if tid == loop_tid or c >= 0.25 * cpu[loop_tid]}
     process_cpu = sum(cpu.values())
     seconds = end.wall - start.wall
-    others: dict[str, float] = {}
-    for pid, (name, used) in end.processes.items():
-        if pid != os.getpid():
-            others[name] = others.get(name, 0.0) + used - start.processes.get(pid, (name, 0.0))[1]
+    others = cpu_used_by_name(start.processes, end.processes, (pid for pid in end.processes if pid != os.getpid()))
     return {"images": images, "seconds": seconds, "ips": images / seconds,
             "step_threads": sorted(end.threads[t][0] for t in step),
             "step_cpu_ms_per_image": 1000 * sum(cpu[t] for t in step) / images,

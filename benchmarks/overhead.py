@@ -147,6 +147,19 @@ def process_cpu() -> dict[int, tuple[str, float]]:
     return out
 
 
+def cpu_used_by_name(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                     pids: Iterable[int]) -> dict[str, float]:
+    """CPU seconds that ``pids`` used between two ``process_cpu`` snapshots, summed by process name.
+
+    A pid only in ``after`` started in between: all its CPU counts.
+    """
+    used: dict[str, float] = {}
+    for pid in pids:
+        name, cpu = after[pid]
+        used[name] = used.get(name, 0.0) + cpu - before.get(pid, (name, 0.0))[1]
+    return used
+
+
 # The training worker itself and Ray's pooled idle workers are not Ray Train helpers.
 NOT_HELPERS = ("ray::RayTrainWorker", "ray::IDLE")
 
@@ -189,7 +202,7 @@ def ray_train_helpers(*, storage: Path, cpus_per_worker: float, settle_s: float 
                            scaling_config=ScalingConfig(num_workers=1, use_gpu=False,
                                                         resources_per_worker={"CPU": cpus_per_worker}),
                            run_config=RunConfig(name=f"helpers-{stamp}", storage_path=str(storage)))
-    existing = set(process_cpu())
+    existing = set(psutil.pids())
     fit = threading.Thread(target=trainer.fit, name="ray-train-helpers-fit", daemon=True)
     fit.start()
     deadline = time.monotonic() + timeout_s
@@ -207,11 +220,7 @@ def ray_train_helpers(*, storage: Path, cpus_per_worker: float, settle_s: float 
         raise RuntimeError(f"the idle TorchTrainer did not finish within 120 s of its release ({release})")
 
     def rates(pids: Iterable[int]) -> dict[str, float]:  # CPU s per s, summed by process name
-        out: dict[str, float] = {}
-        for pid in pids:
-            name, cpu = after[pid]
-            out[name] = out.get(name, 0.0) + (cpu - before.get(pid, (name, 0.0))[1]) / seconds
-        return out
+        return {name: used / seconds for name, used in cpu_used_by_name(before, after, pids).items()}
 
     by_process = rates(after)
     helpers = rates(pid for pid, (name, _) in after.items()
