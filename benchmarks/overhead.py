@@ -173,7 +173,8 @@ def ray_train_helpers(*, storage: Path, cpus_per_worker: float, settle_s: float 
     TrainController, PlacementGroupCleaner, PreemptionWatcher, SynchronizationActor, ...), the
     idle worker's own Ray threads, and Ray's daemons (raylet, gcs_server, the per-node agents),
     which the plain loop's process pays for too (Ray is initialised in both arms). Helpers are
-    the ``ray::`` processes that the run started, the worker and idle pooled workers aside. The
+    the ``ray::`` processes that the run started, the worker and idle pooled workers aside; an
+    idle pooled worker that Ray turns into a helper counts (CI saw the TrainController take one). The
     window opens ``settle_s`` after the function is entered and lasts ``window_s``: Ray starts
     some helpers after the worker group, and each spends its first seconds importing (with 3 s,
     on a busy machine, the window caught that start-up: ~1 CPU s/s instead of ~0.06).
@@ -202,7 +203,9 @@ def ray_train_helpers(*, storage: Path, cpus_per_worker: float, settle_s: float 
                            scaling_config=ScalingConfig(num_workers=1, use_gpu=False,
                                                         resources_per_worker={"CPU": cpus_per_worker}),
                            run_config=RunConfig(name=f"helpers-{stamp}", storage_path=str(storage)))
-    existing = set(psutil.pids())
+    # names before the run: Ray may hand an actor an idle pooled worker (``ray::IDLE``) that is
+    # already running, so a helper is a process whose actor name is new, not only a new pid
+    existing = {pid: name for pid, (name, _) in process_cpu().items()}
     fit = threading.Thread(target=trainer.fit, name="ray-train-helpers-fit", daemon=True)
     fit.start()
     deadline = time.monotonic() + timeout_s
@@ -224,7 +227,7 @@ def ray_train_helpers(*, storage: Path, cpus_per_worker: float, settle_s: float 
 
     by_process = rates(after)
     helpers = rates(pid for pid, (name, _) in after.items()
-                    if pid not in existing and name.startswith("ray::") and name not in NOT_HELPERS)
+                    if existing.get(pid) != name and name.startswith("ray::") and name not in NOT_HELPERS)
     total = sum(helpers.values())
     cpus = psutil.cpu_count() or 1
     return {"window_s": seconds, "cpus": cpus, "train_helpers": helpers, "train_helpers_cpu_per_s": total,

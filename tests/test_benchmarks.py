@@ -78,6 +78,10 @@ def test_ray_worker_startup_splits_into_ordered_phases(tmp_path: Path, ray_clust
 
 @pytest.mark.slow
 def test_ray_train_helpers_are_counted_apart_from_the_worker_and_ray_daemons(tmp_path: Path, ray_cluster: None) -> None:
+    # a Ray Train run just before leaves pooled ``ray::IDLE`` workers that Ray then starts the next
+    # run's actors in (CI saw the TrainController take one): those helpers existed before the run
+    # and must count too
+    overhead.ray_worker_startup(storage=tmp_path / "before", num_workers=1, cpus_per_worker=1.0)
     result = overhead.ray_train_helpers(storage=tmp_path, cpus_per_worker=1.0, settle_s=5.0, window_s=3.0)
     helpers = result["train_helpers"]
     # the run's own actors are helpers; the worker, pooled idle workers, daemons and this process are not
