@@ -267,12 +267,14 @@ def closing_notes(bench: dict[str, Any]) -> list[str]:
     for r in bench["training"]:
         ratio, cycle, compute, plain = (r[k]["median"] for k in ("ratio", "pipeline_ips", "pipeline_compute_ips",
                                                                  "plain_ips"))
-        if ratio is None or ratio >= TARGET_RATIO:
+        if ratio is None or r["meets_target"]:  # the table's criterion: every pair at or above the target
             continue
+        low = r["ratio"]["min"]
         per_epoch = 1 - cycle / compute  # checkpoint + MLflow logging between loop.fit's epochs
         in_loop = 1 - compute / plain  # val pass and loop bookkeeping inside loop.fit's epoch
         notes.append(
-            f"{r['backbone']} ({r['preset']}): ratio {ratio:.3f} < {TARGET_RATIO}. Of the gap, "
+            f"{r['backbone']} ({r['preset']}): ratio {ratio:.4f} (median; lowest pair {low:.4f}), target: every pair "
+            f">= {TARGET_RATIO}. Of the gap, "
             f"{per_epoch:.1%} of the epoch cycle is outside loop.fit's epoch (checkpoint torch.save + "
             f"ray.train.report, MLflow log_metrics), and loop.fit's own epoch (steps + the val pass, metric "
             f"gathering, per-step freeze/lr bookkeeping) runs at {1 - in_loop:.1%} of the plain loop's rate. "
