@@ -307,11 +307,36 @@ def smoke_study(repo: Path, *, mirror: str | None) -> dict[str, Any]:
         started = time.perf_counter()
         proc = subprocess.Popen(["bash", "-c", command], cwd=clone, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
+        output, marks = [], []
         with PeakTreeMemory(proc.pid) as memory:
-            output, _ = proc.communicate()
+            for line in proc.stdout:  # DVC runs stages one at a time: stamp each as it starts
+                output.append(line)
+                if line.startswith(STAGE_START):
+                    marks.append((time.perf_counter() - started, line[len(STAGE_START):].split("'")[0]))
+            proc.wait()
         wall = time.perf_counter() - started
         if proc.returncode != 0:
-            return {"not_measured": f"smoke study failed (exit {proc.returncode}): {output.strip()[-500:]}"}
+            return {"not_measured": f"smoke study failed (exit {proc.returncode}): {''.join(output).strip()[-500:]}"}
         compute, runs = _compute_seconds(f"sqlite:///{clone / 'mlruns.db'}")
     return {"wall_seconds": wall, "peak_tree_rss_bytes": memory.peak, "compute_seconds": compute,
-            "setup_seconds": wall - compute, "runs_with_epochs": runs, "commit": "HEAD of the checkout (clone)"}
+            "setup_seconds": wall - compute, "runs_with_epochs": runs, "commit": "HEAD of the checkout (clone)",
+            "before_first_stage_s": marks[0][0] if marks else wall, "stages": stage_seconds(marks, wall)}
+
+
+STAGE_START = "Running stage '"
+
+
+def stage_seconds(marks: list[tuple[float, str]], end: float) -> dict[str, dict[str, Any]]:
+    """(start s, stage name) in run order -> per stage kind (``finetune@a-b-0`` -> ``finetune``): how many
+    ran, their seconds summed, each one's, and their median and spread; a stage lasts until the next
+    starts (the last: until ``end``)."""
+    kinds: dict[str, dict[str, Any]] = {}
+    stops = [start for start, _ in marks[1:]] + ([end] if marks else [])
+    for (start, name), stop in zip(marks, stops, strict=True):
+        kind = kinds.setdefault(name.split("@")[0], {"count": 0, "seconds": 0.0, "each": {}})
+        kind["count"] += 1
+        kind["seconds"] += stop - start
+        kind["each"][name] = stop - start
+    for kind in kinds.values():
+        kind["per_stage"] = Summary.of(list(kind["each"].values())).to_dict()
+    return kinds

@@ -90,7 +90,11 @@ def markdown(bench: dict[str, Any]) -> str:
         rows += [["CI smoke study `dvc repro`: wall", f"{smoke['wall_seconds']:.0f} s"],
                  ["CI smoke study: compute (sum of epoch_seconds)", f"{smoke['compute_seconds']:.0f} s"],
                  ["CI smoke study: setup (wall - compute)", f"{smoke['setup_seconds']:.0f} s"],
-                 ["CI smoke study: peak RSS of the process tree", f"{smoke['peak_tree_rss_bytes'] / 2**30:.2f} GiB"]]
+                 ["CI smoke study: peak RSS of the process tree", f"{smoke['peak_tree_rss_bytes'] / 2**30:.2f} GiB"],
+                 ["CI smoke study: before the first stage (fetch, Ray head)", f"{smoke['before_first_stage_s']:.0f} s"]]
+        rows += [[f"CI smoke study: {kind} stages ({k['count']})",
+                  f"{k['seconds']:.0f} s (each {_s(k['per_stage'], 1)})"]
+                 for kind, k in smoke["stages"].items()]
     else:
         rows.append(["CI smoke study", f"not measured: {smoke['not_measured']}"])
     lines += _table(["what", "seconds (or as stated)"], rows)

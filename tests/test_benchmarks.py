@@ -86,6 +86,17 @@ def test_closing_notes_name_every_backbone_the_table_marks_below_target() -> Non
     assert notes[-1] == "GPU section skipped: no CUDA."
 
 
+def test_smoke_study_stages_last_until_the_next_one_starts() -> None:
+    marks = [(2.0, "generate_synthetic"), (5.0, "finetune@a-x-0"), (9.0, "finetune@a-x-1"), (15.0, "compare")]
+    kinds = overhead.stage_seconds(marks, 20.0)
+    assert list(kinds) == ["generate_synthetic", "finetune", "compare"]
+    assert kinds["finetune"]["count"] == 2 and kinds["finetune"]["seconds"] == pytest.approx(10.0)
+    assert kinds["finetune"]["each"] == {"finetune@a-x-0": 4.0, "finetune@a-x-1": 6.0}
+    assert kinds["finetune"]["per_stage"] == {"median": 5.0, "min": 4.0, "max": 6.0, "n": 2}
+    assert kinds["compare"]["seconds"] == pytest.approx(5.0)  # the last stage runs until the end
+    assert overhead.stage_seconds([], 20.0) == {}
+
+
 @pytest.mark.slow
 def test_ray_worker_startup_splits_into_ordered_phases(tmp_path: Path, ray_cluster: None) -> None:
     seconds, view = overhead.ray_worker_startup(storage=tmp_path, num_workers=1, cpus_per_worker=1.0)
