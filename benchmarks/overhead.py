@@ -330,13 +330,9 @@ def stage_seconds(marks: list[tuple[float, str]], end: float) -> dict[str, dict[
     """(start s, stage name) in run order -> per stage kind (``finetune@a-b-0`` -> ``finetune``): how many
     ran, their seconds summed, each one's, and their median and spread; a stage lasts until the next
     starts (the last: until ``end``)."""
-    kinds: dict[str, dict[str, Any]] = {}
+    each: dict[str, dict[str, float]] = {}
     stops = [start for start, _ in marks[1:]] + ([end] if marks else [])
     for (start, name), stop in zip(marks, stops, strict=True):
-        kind = kinds.setdefault(name.split("@")[0], {"count": 0, "seconds": 0.0, "each": {}})
-        kind["count"] += 1
-        kind["seconds"] += stop - start
-        kind["each"][name] = stop - start
-    for kind in kinds.values():
-        kind["per_stage"] = Summary.of(list(kind["each"].values())).to_dict()
-    return kinds
+        each.setdefault(name.split("@")[0], {})[name] = stop - start
+    return {kind: {"count": len(times), "seconds": sum(times.values()), "each": times,
+                   "per_stage": Summary.of(list(times.values())).to_dict()} for kind, times in each.items()}
