@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -42,3 +43,28 @@ def test_mlproject_entry_points_call_existing_subcommands() -> None:
                 continue
             subcommand = next(w for w in words[1:] if not w.startswith("-") and not w.startswith("{"))
             assert subcommand in COMMANDS, f"MLproject entry point {name!r} calls unknown '{subcommand}'"
+
+
+def test_console_script_exit_still_joins_threads_runs_atexit_and_flushes(tmp_path: Path) -> None:
+    """``entry`` skips the interpreter's teardown, not what an exit must do, and keeps main's code."""
+    marks = tmp_path / "marks"
+    code = f"""
+import atexit, pathlib, sys, threading, time
+from transferbench.cli import entry
+marks = pathlib.Path({str(marks)!r})
+def late():
+    time.sleep(0.5)
+    with marks.open("a") as f:
+        f.write("thread\\n")
+threading.Thread(target=late).start()
+atexit.register(lambda: marks.open("a").write("atexit\\n"))
+sys.stdout.write("stage output\\n")  # piped stdout is block-buffered: lost unless flushed
+sys.argv = ["transferbench", "--params", {str(tmp_path / "missing.yaml")!r}, "check-params"]
+entry()
+"""
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=buffered)
+    assert done.returncode == 2, done.stderr  # main's code for a missing params file
+    assert "missing.yaml" in done.stderr
+    assert done.stdout == "stage output\n"
+    assert marks.read_text().splitlines() == ["thread", "atexit"]
