@@ -3,6 +3,8 @@
 Class imbalance is reported, not hidden (issue #4, item 3): accuracy, balanced accuracy,
 macro-F1 and, for binary tasks, AUROC (of the positive class, index 1 in summary.json's
 sorted class list). Figures use matplotlib's Agg backend (no display needed).
+scikit-learn and matplotlib are imported where they are used: the fine-tune stage's driver
+imports this module only for ``write_curve_csv`` (scikit-learn alone is ~1 s of its start-up).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from sklearn import metrics as skm
 
 from transferbench.data.atomic import atomic_path
 
@@ -28,6 +29,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, *, num_classes: int) -> dict[str, float | None]:
     """accuracy, balanced_accuracy, macro_f1 and auroc (binary tasks with both classes present, else None)."""
+    from sklearn import metrics as skm
+
     predictions = logits.argmax(axis=1)
     warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
     out: dict[str, float | None] = {
@@ -48,6 +51,7 @@ def confusion_matrix_figure(logits: np.ndarray, labels: np.ndarray, classes: Seq
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from sklearn import metrics as skm
 
     matrix = skm.confusion_matrix(labels, logits.argmax(axis=1), labels=range(len(classes)))
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(classes), 1.0 + 0.6 * len(classes)))
