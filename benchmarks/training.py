@@ -13,6 +13,9 @@ What is measured (issue #8, items 1-3 and the CPU half of 5):
 - ``run_plain``: what a user writes by hand: ``timm.create_model`` with the same head, Adam,
   label-smoothed cross-entropy, a shuffled ``DataLoader`` over the same cached uint8 images with
   the same augmentation, ``torch.set_num_threads`` = the worker's CPUs; timed per epoch.
+- ``run_engine``: the engine's loop alone (``ray_worker.run``'s model, loaders and ``loop.fit``,
+  no hooks) in this process's main thread, so ``gap_factors`` can split pipeline/plain into the
+  loop's own code, running it in a Ray Train worker, and the per-epoch checkpoint + MLflow calls.
 - ``train_flops_per_image``: ``torch.utils.flop_counter.FlopCounterMode`` over one forward +
   backward of the engine's classifier, divided by the batch size.
 - ``matmul_rate``: dense float32 ``torch.mm`` FLOP/s with the same thread count (the ceiling).
@@ -40,7 +43,8 @@ from PIL import Image
 
 from transferbench.config import BackboneSettings, FinetuneSettings
 from transferbench.models import InputSpec, build_classifier
-from transferbench.training.data import SPLITS, CachedImages, build_cache, read_manifests, train_loader
+from transferbench.training import loop
+from transferbench.training.data import SPLITS, CachedImages, build_cache, eval_loader, read_manifests, train_loader
 from transferbench.training.ray_trainer import WorkerSpec, fit_on_ray
 from transferbench.training.tracking import RunRegistry
 
@@ -119,6 +123,9 @@ class PipelineRun:
     wall_s: float  # fit_on_ray, worker start-up and model logging included
     compute_s: float  # sum of every epoch's epoch_seconds
     mlflow_setup_s: float  # RunRegistry (store) + child run creation
+    # Per steady epoch: its cycle interval minus its own epoch_seconds, i.e. the checkpoint
+    # (torch.save + ray.train.report) and MLflow calls between two loop.fit epochs, in seconds.
+    between_epochs_s: list[float] = dataclasses.field(default_factory=list)
 
 
 def run_pipeline(work: Workload, *, root: Path, tracking_uri: str, num_workers: int, cpus_per_worker: float,
@@ -155,7 +162,8 @@ def run_pipeline(work: Workload, *, root: Path, tracking_uri: str, num_workers: 
     # Cycles from epoch 3 on: epoch 2's interval also holds the first checkpoint (Ray storage set-up).
     cycle = [images[k] / (times[k] - times[k - 1]) for k in range(2, len(times)) if times[k] > times[k - 1]]
     compute = [images[k] / history[k]["epoch_seconds"] for k in range(1, len(history))]
-    return PipelineRun(cycle, compute, wall, sum(r["epoch_seconds"] for r in history), mlflow_setup)
+    between = [times[k] - times[k - 1] - history[k]["epoch_seconds"] for k in range(2, len(times))]
+    return PipelineRun(cycle, compute, wall, sum(r["epoch_seconds"] for r in history), mlflow_setup, between)
 
 
 def create_plain_model(work: Workload) -> torch.nn.Module:
@@ -198,6 +206,46 @@ def run_plain(work: Workload, *, threads: int, epochs: int,
         if on_epoch is not None:
             on_epoch()
     return rates
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    """``loop.fit`` alone in this process's main thread: images/s of each epoch after the first."""
+
+    compute_ips: list[float]  # train images of epoch k / loop.fit's epoch_seconds (steps + val pass)
+    val_share: float  # the val pass's share of an epoch: a timed ``loop.predict`` over val / median epoch
+
+
+def run_engine(work: Workload, *, threads: int, epochs: int) -> EngineRun:
+    """The engine's training code without Ray and MLflow: ``ray_worker.run``'s model, loaders and
+    ``loop.fit`` call (deterministic algorithms on, as in the worker), in this process's main thread,
+    with no hooks (no checkpoint, no tracking). Between the plain loop and the pipeline's compute
+    figure, it splits the gap into the engine's loop code and running it in a Ray Train worker.
+    """
+    torch.set_num_threads(threads)
+    p = dataclasses.replace(work.protocol, max_epochs=epochs, early_stop_patience=epochs + 1)
+    loop.seed_everything(0)
+    model = build_classifier(work.entry, num_classes=len(work.classes), img_size=work.img_size,
+                             dropout=p.head_dropout)
+    val_set = CachedImages(work.cache_files["val"], img_size=work.img_size, mean=work.mean, std=work.std,
+                           train=False)
+    val = eval_loader(val_set, batch_size=p.eval_batch_size)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        session = loop.fit(model, train_loader=train_loader(train_dataset(work), batch_size=p.batch_size, seed=0),
+                           val_loader=val, protocol=p, num_classes=len(work.classes), seed=0)
+        started = time.perf_counter()
+        loop.predict(model, val, device=torch.device("cpu"))
+        val_seconds = time.perf_counter() - started
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    history = session.state.history
+    steps = [int(r["step"]) for r in history]
+    images = [p.batch_size * (b - a) for a, b in zip([0, *steps[:-1]], steps, strict=True)]
+    compute = [images[k] / history[k]["epoch_seconds"] for k in range(1, len(history))]
+    epoch_s = float(np.median([r["epoch_seconds"] for r in history[1:]]))
+    return EngineRun(compute, val_seconds / epoch_s)
 
 
 def train_flops_per_image(work: Workload, *, batch: int = 4) -> float:
@@ -287,18 +335,43 @@ def loader_rate(work: Workload, *, threads: int, passes: int) -> list[float]:
 
 def alternate(work: Workload, *, repeats: int, epochs: int, threads: int, cpus_per_worker: float, root: Path,
               tracking_uri: str, system_metrics: bool, log_model: bool,
-              report_interval_s: float) -> tuple[list[PipelineRun], list[list[float]]]:
-    """Pipeline and plain loop alternated A B A B in this process; ``repeats`` pairs."""
-    pipeline, plain = [], []
+              report_interval_s: float) -> tuple[list[PipelineRun], list[list[float]], list[EngineRun]]:
+    """Pipeline, plain loop and the engine's loop alone, alternated A B C A B C in this process;
+    ``repeats`` rounds."""
+    pipeline, plain, engine = [], [], []
     for _ in range(repeats):
         pipeline.append(run_pipeline(work, root=root, tracking_uri=tracking_uri, num_workers=1,
                                      cpus_per_worker=cpus_per_worker, system_metrics=system_metrics,
                                      log_model=log_model, report_interval_s=report_interval_s))
         plain.append(run_plain(work, threads=threads, epochs=epochs))
-    return pipeline, plain
+        engine.append(run_engine(work, threads=threads, epochs=epochs))
+    return pipeline, plain, engine
 
 
 def pair_ratios(pipeline: Sequence[PipelineRun], plain: Sequence[Sequence[float]]) -> list[float]:
     """Per A/B pair: pipeline cycle images/s (median of its epochs) / plain images/s (median)."""
     return [float(np.median(a.cycle_ips)) / float(np.median(b)) for a, b in zip(pipeline, plain, strict=True)
             if a.cycle_ips and b]
+
+
+def gap_factors(pipeline: Sequence[PipelineRun], plain: Sequence[Sequence[float]],
+                engine: Sequence[EngineRun]) -> dict[str, list[float]]:
+    """Per round, the pipeline/plain ratio as a product of three measured factors (medians of epochs):
+
+    - ``loop_code``: engine loop alone / plain loop, both in this process's main thread (the
+      engine's classifier, loaders, val pass and per-step bookkeeping);
+    - ``ray_worker``: the pipeline's loop.fit epochs / the engine loop alone (the same code in a
+      Ray Train worker: its thread, Ray's and MLflow's threads, Ray Train's helper processes);
+    - ``per_epoch``: the pipeline's epoch cycle / its loop.fit epochs (checkpoint, MLflow logging).
+    """
+    out: dict[str, list[float]] = {"loop_code": [], "ray_worker": [], "per_epoch": [], "val_share": []}
+    for run, base, alone in zip(pipeline, plain, engine, strict=True):
+        if not (run.cycle_ips and run.compute_ips and base and alone.compute_ips):
+            continue
+        cycle, compute = float(np.median(run.cycle_ips)), float(np.median(run.compute_ips))
+        own = float(np.median(alone.compute_ips))
+        out["loop_code"].append(own / float(np.median(base)))
+        out["ray_worker"].append(compute / own)
+        out["per_epoch"].append(cycle / compute)
+        out["val_share"].append(alone.val_share)
+    return out

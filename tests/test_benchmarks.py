@@ -42,6 +42,34 @@ def test_plain_loop_loader_flops_and_matmul_measure_what_they_say(tmp_path: Path
     assert conv > 0
 
 
+def test_engine_loop_alone_runs_loop_fit_and_restores_the_determinism_switch(tmp_path: Path) -> None:
+    import torch
+
+    work = _work(tmp_path)
+    assert not torch.are_deterministic_algorithms_enabled()
+    run = training.run_engine(work, threads=1, epochs=3)
+    assert len(run.compute_ips) == 2 and all(r > 0 and math.isfinite(r) for r in run.compute_ips)
+    assert 0 < run.val_share < 1
+    assert not torch.are_deterministic_algorithms_enabled()  # the plain arm runs next in this process
+
+
+def test_gap_factors_multiply_to_the_pipeline_plain_ratio() -> None:
+    pipeline = [training.PipelineRun(cycle_ips=[8.0, 9.0, 10.0], compute_ips=[10.0, 10.0], wall_s=1.0,
+                                     compute_s=1.0, mlflow_setup_s=0.1),
+                training.PipelineRun(cycle_ips=[], compute_ips=[10.0], wall_s=1.0, compute_s=1.0,
+                                     mlflow_setup_s=0.1)]
+    plain = [[12.0, 12.5, 13.0], [12.0]]
+    engine = [training.EngineRun(compute_ips=[12.0, 13.0, 12.5], val_share=0.01),
+              training.EngineRun(compute_ips=[12.0], val_share=0.01)]
+    out = training.gap_factors(pipeline, plain, engine)
+    assert {k: len(v) for k, v in out.items()} == {"loop_code": 1, "ray_worker": 1, "per_epoch": 1,
+                                                  "val_share": 1}  # a round without a cycle figure is left out
+    assert out["loop_code"] == [pytest.approx(1.0)] and out["ray_worker"] == [pytest.approx(0.8)]
+    assert out["per_epoch"] == [pytest.approx(0.9)]
+    product = out["loop_code"][0] * out["ray_worker"][0] * out["per_epoch"][0]
+    assert product == pytest.approx(training.pair_ratios(pipeline[:1], plain[:1])[0])
+
+
 def test_cpu_account_splits_the_step_from_everything_else() -> None:
     me = os.getpid()
     start = cpu_account.Mark(wall=0.0, busy=10.0, threads={1: ("loop", 1.0, 100, 5), 2: ("omp", 1.0, 50, 1),
@@ -78,11 +106,17 @@ def test_closing_notes_name_every_backbone_the_table_marks_below_target() -> Non
                           row("median_above", [0.90, 0.96, 0.97])],
              "overhead": {"ray_train_helpers": {"machine_share": {"median": 0.019}}},
              "config": {"steps": 10, "mode": "full"}, "gpu": {"skipped": "no CUDA"}}
+    bench["training"][2]["factors"] = {k: {"median": v} for k, v in
+                                       {"loop_code": 0.98, "ray_worker": 0.96, "per_epoch": 0.99,
+                                        "val_share": 0.012}.items()}
     notes = run.closing_notes(bench)
     below = [n for n in notes if "target" in n and "GPU" not in n]
     # a median that prints as 0.950 is still below; a median above with a pair below is below too
     assert [n.split(" ")[0] for n in below] == ["median_rounds_up", "median_above"]
     assert "ratio 0.9496 (median; lowest pair 0.9300)" in below[0] and "1.9% of the machine" in below[0]
+    assert "runs at 95.0% of the plain loop's rate" in below[0]  # no factors: the older two-way split
+    assert "runs at 98.0% of the plain loop" in below[1] and "at 96.0% of that" in below[1]
+    assert "leave 99.0% of the loop's rate" in below[1] and "takes 1.2% of its epoch" in below[1]
     assert notes[-1] == "GPU section skipped: no CUDA."
 
 
