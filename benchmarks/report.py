@@ -48,7 +48,8 @@ def markdown(bench: dict[str, Any]) -> str:
     rows = []
     for r in bench["training"]:
         rows.append([r["backbone"], r["preset"], _s(r["pipeline_ips"]), _s(r["pipeline_compute_ips"]),
-                     _s(r.get("engine_ips")), _s(r["plain_ips"]), _s(r["ratio"], 3), f"{r['train_gflops_per_image']:.2f}",
+                     _s(r.get("engine_ips")), _s(r["plain_ips"]), _s(r["ratio"], 3),
+                     f"{r['train_gflops_per_image']:.2f}",
                      _s(r["pipeline_fraction_of_ceiling"], 2), _s(r["plain_fraction_of_ceiling"], 2),
                      "yes" if r["meets_target"] else ("no" if r["preset"] == "small" else "n/a (tiny)")])
     lines += _table(["backbone", "preset", "pipeline img/s (epoch cycle)", "pipeline img/s (loop.fit compute)",

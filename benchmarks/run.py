@@ -285,7 +285,7 @@ def closing_notes(bench: dict[str, Any]) -> list[str]:
                 f"{f['ray_worker']:.1%} of that (the worker's training thread, Ray's and MLflow's threads, Ray "
                 f"Train's helper processes); and the per-epoch checkpoint + MLflow logging leave "
                 f"{f['per_epoch']:.1%} of the loop's rate. ")
-        else:  # a bench.json from before the engine arm existed
+        else:  # no round had figures from all three arms: the two-way split the pipeline's own clocks give
             split = (
                 f"Of the gap, {1 - cycle / compute:.1%} of the epoch cycle is outside loop.fit's epoch (checkpoint "
                 f"torch.save + ray.train.report, MLflow log_metrics), and loop.fit's own epoch (steps + the val "

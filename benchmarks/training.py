@@ -128,6 +128,17 @@ class PipelineRun:
     between_epochs_s: list[float] = dataclasses.field(default_factory=list)
 
 
+def epoch_images(history: Sequence[dict[str, float]], batch: int) -> list[int]:
+    """Training images of each epoch of a ``loop.fit`` history (optimiser steps x batch)."""
+    steps = [int(r["step"]) for r in history]
+    return [batch * (b - a) for a, b in zip([0, *steps[:-1]], steps, strict=True)]
+
+
+def compute_ips(history: Sequence[dict[str, float]], images: Sequence[int]) -> list[float]:
+    """Images/s of each epoch after the first over loop.fit's own ``epoch_seconds`` (steps + val pass)."""
+    return [images[k] / history[k]["epoch_seconds"] for k in range(1, len(history))]
+
+
 def run_pipeline(work: Workload, *, root: Path, tracking_uri: str, num_workers: int, cpus_per_worker: float,
                  system_metrics: bool, log_model: bool, report_interval_s: float) -> PipelineRun:
     """Train ``work`` through the engine's Ray Train path and read its epochs back from MLflow."""
@@ -154,14 +165,13 @@ def run_pipeline(work: Workload, *, root: Path, tracking_uri: str, num_workers: 
                        report_interval_s=report_interval_s)
     wall = time.perf_counter() - started
     history = final["history"]
-    batch = work.protocol.batch_size  # the global batch: each step of N workers takes batch_size images in all
-    steps = [int(r["step"]) for r in history]
-    images = [batch * (b - a) for a, b in zip([0, *steps[:-1]], steps, strict=True)]
+    # the global batch: each step of N workers takes batch_size images in all
+    images = epoch_images(history, work.protocol.batch_size)
     stamps = sorted(MlflowClient(tracking_uri).get_metric_history(run_id, "train_loss"), key=lambda m: m.step)
     times = [m.timestamp / 1000.0 for m in stamps]
     # Cycles from epoch 3 on: epoch 2's interval also holds the first checkpoint (Ray storage set-up).
     cycle = [images[k] / (times[k] - times[k - 1]) for k in range(2, len(times)) if times[k] > times[k - 1]]
-    compute = [images[k] / history[k]["epoch_seconds"] for k in range(1, len(history))]
+    compute = compute_ips(history, images)
     between = [times[k] - times[k - 1] - history[k]["epoch_seconds"] for k in range(2, len(times))]
     return PipelineRun(cycle, compute, wall, sum(r["epoch_seconds"] for r in history), mlflow_setup, between)
 
@@ -241,9 +251,7 @@ def run_engine(work: Workload, *, threads: int, epochs: int) -> EngineRun:
     finally:
         torch.use_deterministic_algorithms(deterministic)
     history = session.state.history
-    steps = [int(r["step"]) for r in history]
-    images = [p.batch_size * (b - a) for a, b in zip([0, *steps[:-1]], steps, strict=True)]
-    compute = [images[k] / history[k]["epoch_seconds"] for k in range(1, len(history))]
+    compute = compute_ips(history, epoch_images(history, p.batch_size))
     epoch_s = float(np.median([r["epoch_seconds"] for r in history[1:]]))
     return EngineRun(compute, val_seconds / epoch_s)
 
