@@ -18,6 +18,8 @@ Outputs, read by ``dvc metrics show`` / ``dvc plots show`` and by the rank table
   training    best_epoch, epochs_run, best_val_loss, stop_reason (early_stop | max_epochs | hook),
               resumed_at_epochs (list; non-empty when the run recovered from a checkpoint),
               world_size and ray_nodes (workers and distinct Ray nodes of the final attempt),
+              device (cpu or the GPU's name), precision (bf16-autocast | fp32) and channels_last,
+              as rank 0 trained (``ray.use_gpu`` / ``mixed_precision`` / ``channels_last`` apply on GPU only),
               train_seconds
   provenance  mlflow_run_id, mlflow_parent_run_id, data_version (hash of the split manifests),
               git_commit, ray_run_name
@@ -145,6 +147,7 @@ def run_finetune(settings: Settings, *, task: str, backbone: str, seed: int, num
         tracking_uri=tracking_uri, mlflow_run_id=run_id, system_metrics=settings.tracking.system_metrics,
         log_model=settings.tracking.log_model, use_gpu=ray_settings.use_gpu,
         mixed_precision=ray_settings.mixed_precision, channels_last=ray_settings.channels_last,
+        loader_workers=ray_settings.loader_workers,
         kill_at_epoch=kill_at_epoch, kill_rank=kill_rank)
     connect(ray_settings.address)
     try:
@@ -168,6 +171,7 @@ def run_finetune(settings: Settings, *, task: str, backbone: str, seed: int, num
         **{f"{split}_{m}": final.get(f"{split}_{m}") for split in ("val", "test") for m in METRIC_KEYS},
         **{k: final[k] for k in ("best_epoch", "epochs_run", "best_val_loss", "stop_reason", "resumed_at_epochs")},
         "world_size": final["world_size"], "ray_nodes": len(set(final["worker_nodes"])),
+        **{k: final[k] for k in ("device", "precision", "channels_last")},
         "train_seconds": round(time.perf_counter() - started, 2),
         "mlflow_run_id": run_id, "mlflow_parent_run_id": parent_id, "data_version": data_version,
         "git_commit": commit, "ray_run_name": run_name,

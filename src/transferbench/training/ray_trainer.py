@@ -37,7 +37,7 @@ from transferbench.config import BackboneSettings, FinetuneSettings
 # Ray Train's controller poll interval; Ray copies it from the driver's environment to the
 # controller and the workers (ray.train.v2 ENV_VARS_TO_PROPAGATE).
 REPORT_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-# Environment of the training worker processes (glibc malloc; read once, when the process starts).
+# Environment of the training worker processes (glibc malloc, cuBLAS; read once, when the process starts).
 # - Ray Train runs the training function in a thread of the worker process, not its main thread,
 #   and glibc gives each such thread a malloc arena of 64 MB mmap'd heaps: every activation bigger
 #   than that (ResNet-18's first feature map at batch 32 and 224 px is ~100 MB) is then mmap'd,
@@ -52,7 +52,10 @@ REPORT_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 #   to 0.93-1.02 of the plain loop (python -m benchmarks.cpu_account; benchmarks/README.md 1c).
 #   The cost: a worker keeps up to 1 GiB of freed heap instead of returning it to the kernel.
 WORKER_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
-              "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_TOP_PAD_": str(64 << 20)}
+              "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_TOP_PAD_": str(64 << 20),
+              # cuBLAS is deterministic only with a fixed workspace (read when CUDA starts); the
+              # workers run with deterministic algorithms on. No effect on CPU.
+              "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 STATE_FILE = "state.pt"
 FINAL_FILE = "final.json"
 KILL_MARKER = "fault_injected"
@@ -81,6 +84,7 @@ class WorkerSpec:
     use_gpu: bool = False
     mixed_precision: bool = True
     channels_last: bool = True
+    loader_workers: int = 0
     kill_at_epoch: int | None = None
     kill_rank: int = 0
 

@@ -98,6 +98,14 @@ def _load_state(directory: str | Path) -> dict[str, Any]:
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
 
 
+def hardware(device: torch.device, autocast: torch.dtype | None, channels_last: bool) -> dict[str, Any]:
+    """What rank 0 trained on, as it ran (not as configured): ``device`` (``cpu`` or the GPU's name),
+    ``precision`` (``bf16-autocast`` or ``fp32``) and ``channels_last``."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "precision": "bf16-autocast" if autocast == torch.bfloat16 else "fp32",
+            "channels_last": channels_last}
+
+
 def run(config: dict[str, Any]) -> None:
     """The body of ``ray_trainer.train_worker``: one rank's whole fine-tune."""
     import ray
@@ -140,10 +148,11 @@ def run(config: dict[str, Any]) -> None:
     prepare = ray.train.torch.prepare_data_loader
     # finetune.batch_size is the global batch (the paper's 32): each of the N workers takes 1/N of it,
     # so N workers take the same optimiser steps per epoch, and warm-up iterations mean the same.
+    processes = {"workers": spec.loader_workers, "pin_memory": on_gpu}  # ray.loader_workers
     train = prepare(train_loader(dataset("train", True), batch_size=per_worker_batch(protocol.batch_size, world),
-                                 seed=spec.seed, rank=rank, world_size=world), add_dist_sampler=False)
+                                 seed=spec.seed, rank=rank, world_size=world, **processes), add_dist_sampler=False)
     val = prepare(eval_loader(dataset("val", False), batch_size=protocol.eval_batch_size, rank=rank,
-                              world_size=world), add_dist_sampler=False)
+                              world_size=world, **processes), add_dist_sampler=False)
     test = prepare(eval_loader(dataset("test", False), batch_size=protocol.eval_batch_size, rank=rank,
                                world_size=world), add_dist_sampler=False)
 
@@ -193,6 +202,7 @@ def _finish(spec: WorkerSpec, session: loop.FitSession, model: torch.nn.Module, 
         "best_epoch": state.best_epoch, "epochs_run": state.epoch, "best_val_loss": state.best_val_loss,
         "stop_reason": state.stop_reason, "resumed_at_epochs": list(state.resumed_at_epochs),
         "history": state.history, "world_size": len(nodes), "worker_nodes": nodes,
+        **hardware(device, autocast, channels_last),
         "report_interval_s": float(os.environ.get(REPORT_INTERVAL_ENV, "nan")),
         "worker_env": start_environment(WORKER_ENV),
     }
@@ -215,6 +225,8 @@ def _log_outcome(spec: WorkerSpec, final: dict[str, Any], outputs: dict[str, Any
     tracker.set_tags({"transferbench.stop_reason": final["stop_reason"],
                       "transferbench.resumed_at_epochs": ",".join(map(str, final["resumed_at_epochs"])) or "-",
                       "transferbench.world_size": final["world_size"],
+                      "transferbench.device": final["device"], "transferbench.precision": final["precision"],
+                      "transferbench.channels_last": str(final["channels_last"]).lower(),
                       "transferbench.ray_nodes": len(set(final["worker_nodes"]))})
     title = (f"{spec.task} / {spec.backbone_name} ({spec.backbone.family}, weights: {spec.backbone.weights}"
              f"{', RANDOM INIT' if spec.backbone.weights == 'none' else ''}) seed {spec.seed}")
