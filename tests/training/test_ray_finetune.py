@@ -43,7 +43,8 @@ def _child_runs(uri: str, study: str) -> list:
 @pytest.fixture(scope="module")
 def two_worker_run(toy_splits, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two_workers")
-    settings = toy_settings(toy_splits, **_stores(tmp, ray={"report_interval_s": 0.5}))
+    # Two loader processes per worker: augmentation forked from a Ray Train worker's thread, with DDP.
+    settings = toy_settings(toy_splits, **_stores(tmp, ray={"report_interval_s": 0.5, "loader_workers": 2}))
     started = time.perf_counter()
     result = run_finetune(settings, task="toy", backbone="test_resnet", seed=0, num_workers=2,
                           metrics_dir=tmp / "metrics", plots_dir=tmp / "plots")
@@ -73,8 +74,12 @@ def test_two_workers_write_metrics_curves_and_a_complete_mlflow_run(two_worker_r
     assert (tags["random_init"], tags["weights_label"], tags["family"], tags["task"]) == \
         ("true", "random-init", "convnet", "toy")
     assert params["ray.num_workers"] == "2" and params["finetune.head_dropout"] == "0.2"
+    assert params["ray.loader_workers"] == "2"
     assert params["finetune.warmup_iters"] == "2" and params["model"] == "test_resnet" and params["weights"] == "none"
     assert params["data.train_md5"] and tags["mlflow.source.git.commit"]
+    # What the workers really trained on: CPU here, so fp32 and no channels-last whatever ray.* says.
+    assert (result["device"], result["precision"], result["channels_last"]) == ("cpu", "fp32", False)
+    assert (tags["transferbench.device"], tags["transferbench.precision"]) == ("cpu", "fp32")
     # ray.report_interval_s reaches Ray Train's processes (the workers read it from their environment).
     final = json.loads((Path(settings.ray.storage_path) / result["ray_run_name"] / FINAL_FILE).read_text())
     assert params["ray.report_interval_s"] == "0.5" and final["report_interval_s"] == 0.5

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from transferbench.errors import DataError
-from transferbench.training.data import CachedImages, build_cache, read_manifests
+from transferbench.training.data import CachedImages, build_cache, eval_loader, read_manifests, train_loader
 from transferbench.training.tracking import MlflowTracker, RunRegistry
 
 
@@ -57,3 +57,30 @@ def test_unknown_label_names_the_row(toy_splits, tmp_path):
     frame.to_csv(root / "toy" / "test.csv", index=False)
     with pytest.raises(DataError, match=r"test.csv row 5: label 'purple'"):
         build_cache(read_manifests(root, "toy"), "test", side=36, cache_dir=tmp_path / "cache")
+
+
+def test_loader_processes_keep_the_sample_order_and_repeat_their_augmentations(toy_splits):
+    """ray.loader_workers > 0: the seeded sampler still orders the epoch (it runs in the training
+    process), and the augmentations drawn in the loader processes repeat with the same torch seed."""
+    cache = build_cache(read_manifests(toy_splits / "splits", "toy"), "train", side=36,
+                        cache_dir=toy_splits / "cache")
+    data = CachedImages(cache, img_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, train=True, rotation_degrees=10.0,
+                        hflip=True)
+
+    def epochs(workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        torch.manual_seed(7)
+        loader = train_loader(data, batch_size=8, seed=0, workers=workers)
+        out = []
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)
+            images, _, index = (torch.cat(parts) for parts in zip(*loader, strict=True))
+            out.append((index, images))
+        return out
+
+    in_process, first, second = epochs(0), epochs(2), epochs(2)
+    for (order, _), (order_w, images_w), (order_again, images_again) in zip(in_process, first, second, strict=True):
+        assert torch.equal(order_w, order) and torch.equal(order_again, order)
+        assert torch.equal(images_w, images_again)
+    assert not torch.equal(first[0][1], first[1][1])  # fresh augmentations every epoch
+    evaluated = torch.cat([batch[0] for batch in eval_loader(data, batch_size=8, workers=2)])
+    assert evaluated.shape == (len(data), 3, 32, 32)

@@ -131,19 +131,31 @@ class CachedImages(Dataset):
         return self.transform(self.images[i]), self.labels[i], i
 
 
+def _processes(workers: int, pin_memory: bool) -> dict[str, object]:
+    """DataLoader keywords for ``workers`` augmentation processes (0: in the calling process)."""
+    if not workers:
+        return {"num_workers": 0, "pin_memory": pin_memory}
+    return {"num_workers": workers, "persistent_workers": True, "prefetch_factor": 4, "pin_memory": pin_memory}
+
+
 def train_loader(dataset: CachedImages, *, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1) -> DataLoader:
+                 world_size: int = 1, workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """Shuffled, sharded across ranks by a seeded sampler (call ``sampler.set_epoch`` each epoch).
 
-    Augmentation runs in the main process on small in-memory tensors; the last short batch
-    is dropped so BatchNorm never sees a batch of one.
+    Augmentation runs on small in-memory tensors, in the calling process (``workers`` 0) or in
+    ``workers`` persistent DataLoader processes (``ray.loader_workers``; each draws its random
+    augmentations from a seed derived from torch's seed, so a run stays repeatable, but a run resumed
+    from a checkpoint no longer replays the augmentations of an uninterrupted one). The last short
+    batch is dropped so BatchNorm never sees a batch of one.
     """
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     drop_last = len(dataset) // world_size > batch_size
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=0)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                      **_processes(workers, pin_memory))
 
 
-def eval_loader(dataset: CachedImages, *, batch_size: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+def eval_loader(dataset: CachedImages, *, batch_size: int, rank: int = 0, world_size: int = 1, workers: int = 0,
+                pin_memory: bool = False) -> DataLoader:
     """This rank's share of the samples (``rank::world_size``, no padding); gather to get all."""
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
-    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=0)
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, **_processes(workers, pin_memory))
