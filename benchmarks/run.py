@@ -8,7 +8,8 @@ Order of the run (one process; Ray started once):
    data path alone;
 4. scaling: the pipeline with 1 vs 2 Ray workers of 1 CPU each;
 5. no-op ``dvc repro`` (when ``dvc status`` is clean), the CI smoke study (``--with-smoke-study``);
-6. the GPU section (skipped, and said so, without CUDA).
+6. the GPU section (skipped, and said so, without CUDA): the bare step, and the engine's GPU path
+   (``python -m benchmarks.gpu`` runs it alone).
 
 ``--quick`` (tiny preset, 64 px, 4 steps/epoch, 1 repeat) checks that everything runs in a
 few minutes; its ratios are dominated by per-epoch costs that a real epoch amortises.
@@ -65,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="GPU section: also time torch.compile")
     p.add_argument("--gpu-batch", type=int, default=64, help="GPU section batch (default %(default)s)")
     p.add_argument("--gpu-steps", type=int, help="GPU section timed steps per repeat")
+    p.add_argument("--no-gpu-pipeline", action="store_true",
+                   help="GPU section: skip the engine's GPU path (Ray Train worker with a GPU), time the bare step only")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     p.add_argument("--out", default="reports/bench", help="output directory (default %(default)s)")
     args = p.parse_args(argv)
@@ -256,8 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     noop = bench["overhead"]["dvc_noop"]
     if "seconds" in noop:
         noop["seconds"] = Summary.of(noop["seconds"]).to_dict()
-    bench["gpu"] = gpu.gpu_section(batch=args.gpu_batch, steps=args.gpu_steps, repeats=max(args.repeats, 3),
-                                   compile_model=args.compile)
+    with tempfile.TemporaryDirectory(prefix="transferbench-gpu-") as tmp:
+        gpu_pipeline = None if args.no_gpu_pipeline else {
+            "protocol": gpu.pipeline_protocol(settings.finetune), "root": Path(tmp), "steps": gpu.PIPELINE_STEPS,
+            "cpus_per_worker": float(args.threads), "loader_passes": args.loader_passes,
+            "loader_workers": gpu.loader_choices(None, float(args.threads)),
+            "report_interval_s": settings.ray.report_interval_s}
+        bench["gpu"] = gpu.gpu_section(batch=args.gpu_batch, steps=args.gpu_steps, repeats=max(args.repeats, 3),
+                                       compile_model=args.compile, pipeline=gpu_pipeline)
     notes += closing_notes(bench)
     bench["notes"] = notes
     json_path, md_path = report.write(bench, Path(args.out))

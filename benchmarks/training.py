@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -126,6 +127,7 @@ class PipelineRun:
     # Per steady epoch: its cycle interval minus its own epoch_seconds, i.e. the checkpoint
     # (torch.save + ray.train.report) and MLflow calls between two loop.fit epochs, in seconds.
     between_epochs_s: list[float] = dataclasses.field(default_factory=list)
+    hardware: dict[str, Any] = dataclasses.field(default_factory=dict)  # the worker's device, precision
 
 
 def epoch_images(history: Sequence[dict[str, float]], batch: int) -> list[int]:
@@ -140,8 +142,13 @@ def compute_ips(history: Sequence[dict[str, float]], images: Sequence[int]) -> l
 
 
 def run_pipeline(work: Workload, *, root: Path, tracking_uri: str, num_workers: int, cpus_per_worker: float,
-                 system_metrics: bool, log_model: bool, report_interval_s: float) -> PipelineRun:
-    """Train ``work`` through the engine's Ray Train path and read its epochs back from MLflow."""
+                 system_metrics: bool, log_model: bool, report_interval_s: float,
+                 use_gpu: bool = False, loader_workers: int = 0) -> PipelineRun:
+    """Train ``work`` through the engine's Ray Train path and read its epochs back from MLflow.
+
+    ``use_gpu``: one GPU per worker, bf16 autocast and channels-last for ConvNets (``ray.use_gpu``'s defaults).
+    ``loader_workers``: ``ray.loader_workers``, the worker's augmentation processes.
+    """
     from mlflow import MlflowClient
 
     started = time.perf_counter()
@@ -158,10 +165,10 @@ def run_pipeline(work: Workload, *, root: Path, tracking_uri: str, num_workers: 
         task=TASK, backbone_name=work.name, backbone=work.entry, protocol=work.protocol, classes=work.classes,
         seed=0, img_size=work.img_size, mean=work.mean, std=work.std, cache_files=work.cache_files,
         filenames=work.filenames, run_dir=str(run_dir), tracking_uri=tracking_uri, mlflow_run_id=run_id,
-        system_metrics=system_metrics, log_model=log_model, use_gpu=False)
+        system_metrics=system_metrics, log_model=log_model, use_gpu=use_gpu, loader_workers=loader_workers)
     started = time.perf_counter()
     final = fit_on_ray(spec, run_name=run_name, storage_path=str(storage), num_workers=num_workers,
-                       use_gpu=False, cpus_per_worker=cpus_per_worker, max_failures=0, checkpoints_to_keep=1,
+                       use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, max_failures=0, checkpoints_to_keep=1,
                        report_interval_s=report_interval_s)
     wall = time.perf_counter() - started
     history = final["history"]
@@ -173,7 +180,8 @@ def run_pipeline(work: Workload, *, root: Path, tracking_uri: str, num_workers: 
     cycle = [images[k] / (times[k] - times[k - 1]) for k in range(2, len(times)) if times[k] > times[k - 1]]
     compute = compute_ips(history, images)
     between = [times[k] - times[k - 1] - history[k]["epoch_seconds"] for k in range(2, len(times))]
-    return PipelineRun(cycle, compute, wall, sum(r["epoch_seconds"] for r in history), mlflow_setup, between)
+    return PipelineRun(cycle, compute, wall, sum(r["epoch_seconds"] for r in history), mlflow_setup, between,
+                       {k: final[k] for k in ("device", "precision", "channels_last")})
 
 
 def create_plain_model(work: Workload) -> torch.nn.Module:
@@ -326,10 +334,11 @@ def dense_rates(*, threads: int, matmul_size: int, repeats: int) -> dict[str, li
     return rates
 
 
-def loader_rate(work: Workload, *, threads: int, passes: int) -> list[float]:
-    """Images/s of the training data path alone: cached uint8 -> crop/rotate/flip -> normalised batch."""
+def loader_rate(work: Workload, *, threads: int, passes: int, workers: int = 0) -> list[float]:
+    """Images/s of the training data path alone: cached uint8 -> crop/rotate/flip -> normalised batch,
+    in this process (``workers`` 0) or in ``workers`` DataLoader processes (``ray.loader_workers``)."""
     torch.set_num_threads(threads)
-    loader = train_loader(train_dataset(work), batch_size=work.protocol.batch_size, seed=0)
+    loader = train_loader(train_dataset(work), batch_size=work.protocol.batch_size, seed=0, workers=workers)
     rates = []
     for epoch in range(passes + 1):
         loader.sampler.set_epoch(epoch)
