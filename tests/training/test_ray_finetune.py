@@ -84,6 +84,12 @@ def test_two_workers_write_metrics_curves_and_a_complete_mlflow_run(two_worker_r
     final = json.loads((Path(settings.ray.storage_path) / result["ray_run_name"] / FINAL_FILE).read_text())
     assert params["ray.report_interval_s"] == "0.5" and final["report_interval_s"] == 0.5
     assert final["worker_env"] == WORKER_ENV  # the malloc settings, in the environment the workers started with
+    # Checkpoints are written straight into the run's directory (no upload), and Ray Train still
+    # prunes them: checkpoints_to_keep (1, by val loss) plus the latest.
+    run_dir = Path(settings.ray.storage_path) / result["ray_run_name"]
+    kept = sorted(p.name for p in run_dir.glob("epoch_*"))
+    assert 1 <= len(kept) <= 2 and f"epoch_{result['epochs_run']:04d}" in kept, kept
+    assert all((run_dir / name / "state.pt").is_file() for name in kept) and not list(run_dir.glob("epoch_*/*.tmp"))
     history = client.get_metric_history(child.info.run_id, "val_loss")
     assert sorted(m.step for m in history) == list(range(1, result["epochs_run"] + 1))
     assert {"train_loss", "val_accuracy", "lr", "test_accuracy", "test_auroc"} <= set(metrics)
