@@ -8,15 +8,16 @@ ResNet-50 (random init, 224 px):
   ConvNet), optionally under ``torch.compile``, on synthetic on-device batches. Achieved TFLOP/s =
   training FLOPs per image (``FlopCounterMode``) x images/s, as a fraction of the measured dense bf16
   matmul rate.
-- **pipeline** (``--pipeline``, on by default in ``python -m benchmarks.gpu``): the same backbone
+- **pipeline** (on unless ``--no-pipeline`` / ``benchmarks.run --no-gpu-pipeline``): the same backbone
   through the engine's GPU path end to end -- a Ray Train worker with ``use_gpu``, the cached-image
   data path (decode once, augment per step on the worker's CPUs), MLflow logging and a checkpoint
   per epoch -- at the protocol's batch, against the bare step at that batch with the worker's
   settings (deterministic algorithms, no cuDNN autotuning) and the data path alone.
 
 ``python -m benchmarks.gpu`` runs this section alone (it needs no DVC) and writes
-``gpu.json`` + ``gpu.md``; ``python -m benchmarks.run`` includes the bare-step figures.
+``gpu.json`` + ``gpu.md``; ``python -m benchmarks.run`` includes the same section.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -220,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         ray.init(num_cpus=int(args.cpus_per_worker) + 1, configure_logging=True, logging_level="WARNING")
-        pipeline = {"protocol": pipeline_protocol(settings.finetune, args.epochs), "root": root, "steps": args.pipeline_steps,
-                    "cpus_per_worker": args.cpus_per_worker, "loader_passes": args.loader_passes,
+        pipeline = {"protocol": pipeline_protocol(settings.finetune, args.epochs), "root": root,
+                    "steps": args.pipeline_steps, "cpus_per_worker": args.cpus_per_worker, "loader_passes": args.loader_passes,
                     "loader_workers": loader_choices(args.loader_workers, args.cpus_per_worker),
                     "report_interval_s": settings.ray.report_interval_s}
     try:

@@ -159,7 +159,8 @@ def gpu_lines(g: dict[str, Any]) -> list[str]:
                  _s(r["pipeline_compute_ips"]), _s(r["bare_step"]["images_per_s"]), _s(r["cycle_vs_bare"], 3),
                  _s(r["loader_ips"]), f"{r['loader_vs_bare']:.2f}", _s(r["between_epochs_s"], 2)]
                 for r in g["pipeline"]]
-        lines += _table(["model", "batch", "ray.loader_workers", "worker trained on", "pipeline img/s (cycle)", "pipeline img/s (compute)",
+        lines += _table(["model", "batch", "ray.loader_workers", "worker trained on", "pipeline img/s (cycle)",
+                         "pipeline img/s (compute)",
                          "bare step img/s", "pipeline / bare", "data path img/s", "data path / bare",
                          "between epochs, s"], rows)
     return lines

@@ -46,7 +46,7 @@ from transferbench.config import BackboneSettings, FinetuneSettings
 from transferbench.models import InputSpec, build_classifier
 from transferbench.training import loop
 from transferbench.training.data import SPLITS, CachedImages, build_cache, eval_loader, read_manifests, train_loader
-from transferbench.training.ray_trainer import WorkerSpec, fit_on_ray
+from transferbench.training.ray_trainer import HARDWARE_KEYS, WorkerSpec, fit_on_ray
 from transferbench.training.tracking import RunRegistry
 
 TASK = "bench"
@@ -181,7 +181,7 @@ def run_pipeline(work: Workload, *, root: Path, tracking_uri: str, num_workers: 
     compute = compute_ips(history, images)
     between = [times[k] - times[k - 1] - history[k]["epoch_seconds"] for k in range(2, len(times))]
     return PipelineRun(cycle, compute, wall, sum(r["epoch_seconds"] for r in history), mlflow_setup, between,
-                       {k: final[k] for k in ("device", "precision", "channels_last")})
+                       {k: final[k] for k in HARDWARE_KEYS})
 
 
 def create_plain_model(work: Workload) -> torch.nn.Module:

@@ -48,7 +48,7 @@ from transferbench.data.atomic import write_text
 from transferbench.models import InputSpec, WeightsSource, build_classifier, effective_img_size
 from transferbench.training.data import SPLITS, build_cache, read_manifests
 from transferbench.training.metrics import write_curve_csv
-from transferbench.training.ray_trainer import WorkerSpec, fit_on_ray
+from transferbench.training.ray_trainer import HARDWARE_KEYS, WorkerSpec, fit_on_ray
 from transferbench.training.tracking import RunRegistry, resolve_tracking_uri
 
 RUN_ID_FILE = "mlflow_run.json"
@@ -171,7 +171,7 @@ def run_finetune(settings: Settings, *, task: str, backbone: str, seed: int, num
         **{f"{split}_{m}": final.get(f"{split}_{m}") for split in ("val", "test") for m in METRIC_KEYS},
         **{k: final[k] for k in ("best_epoch", "epochs_run", "best_val_loss", "stop_reason", "resumed_at_epochs")},
         "world_size": final["world_size"], "ray_nodes": len(set(final["worker_nodes"])),
-        **{k: final[k] for k in ("device", "precision", "channels_last")},
+        **{k: final[k] for k in HARDWARE_KEYS},
         "train_seconds": round(time.perf_counter() - started, 2),
         "mlflow_run_id": run_id, "mlflow_parent_run_id": parent_id, "data_version": data_version,
         "git_commit": commit, "ray_run_name": run_name,

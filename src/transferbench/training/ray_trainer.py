@@ -57,6 +57,8 @@ WORKER_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
               # workers run with deterministic algorithms on. No effect on CPU.
               "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 STATE_FILE = "state.pt"
+# What rank 0 really trained on, in final.json (ray_worker.hardware): device, precision, channels_last.
+HARDWARE_KEYS = ("device", "precision", "channels_last")
 FINAL_FILE = "final.json"
 KILL_MARKER = "fault_injected"
 
