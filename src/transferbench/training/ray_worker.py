@@ -58,15 +58,36 @@ class _Tracking:
 
 
 class _Checkpointing:
+    """Every epoch, the session's state as a Ray Train checkpoint, reported by rank 0.
+
+    On local (or shared, mounted) storage, the state is written straight into the run's
+    directory, where Ray Train keeps its checkpoints, and reported without an upload
+    (``CheckpointUploadMode.NO_UPLOAD``): written once, not written to a temporary directory
+    and then copied (resnet18 on the 2-core CPU: 0.74 s between epochs with the copy).
+    Elsewhere (a remote filesystem) Ray Train uploads it from a temporary directory.
+    """
+
     def __init__(self, rank: int) -> None:
         self.rank = rank
 
     def __call__(self, record: dict[str, float], session: loop.FitSession) -> bool:
+        import pyarrow.fs
         import ray.train
+        from ray.train import CheckpointUploadMode
 
         name = checkpoint_name(int(record["epoch"]))
         if self.rank != 0:
             ray.train.report(dict(record), checkpoint=None, checkpoint_dir_name=name)
+            return False
+        storage = ray.train.get_context().get_storage()
+        if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+            directory = Path(storage.experiment_fs_path) / name
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = directory / f"{STATE_FILE}.tmp"  # a resumed epoch may find a killed attempt's file
+            torch.save(session.state_dict(), tmp)
+            os.replace(tmp, directory / STATE_FILE)
+            ray.train.report(dict(record), checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=name, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
             return False
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(session.state_dict(), Path(tmp) / STATE_FILE)
