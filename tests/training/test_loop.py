@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pytest
 import torch
 
 from transferbench.config import FinetuneSettings
@@ -80,6 +81,35 @@ def test_early_stop_plateau_and_stopping_hook(toy_splits):
     session = loop.fit(model, train_loader=train, val_loader=val, protocol=dataclasses.replace(PROTOCOL, max_epochs=9),
                        num_classes=2, seed=0, hooks=[prune_after_two])
     assert seen == [1, 2] and session.state.stop_reason == "hook"
+
+
+class _Recording:
+    """The train loader, keeping each batch's targets (``fit`` reads its sampler for ``set_epoch``)."""
+
+    def __init__(self, loader):
+        self.loader, self.sampler, self.targets = loader, loader.sampler, []
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.targets.append(batch[1])
+            yield batch
+
+
+def test_train_loss_and_accuracy_are_the_epochs_per_sample_means(toy_splits):
+    protocol = dataclasses.replace(PROTOCOL, max_epochs=1, label_smoothing=0.1)
+    model, train, val = _pieces(toy_splits, protocol=protocol)
+    train = _Recording(train)
+    logits = []
+    model.register_forward_hook(lambda m, args, out: logits.append(out.detach().clone()) if m.training else None)
+    session = loop.fit(model, train_loader=train, val_loader=val, protocol=protocol, num_classes=2, seed=0)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    assert len(logits) == len(train.targets) == 6
+    total = sum(len(t) for t in train.targets)
+    expected_loss = sum(float(loss_fn(x.float(), t)) * len(t) for x, t in zip(logits, train.targets)) / total
+    expected_accuracy = sum(int((x.argmax(1) == t).sum()) for x, t in zip(logits, train.targets)) / total
+    record = session.state.history[0]
+    assert record["train_loss"] == pytest.approx(expected_loss, rel=1e-12)
+    assert record["train_accuracy"] == pytest.approx(expected_accuracy, rel=1e-12)
 
 
 def _history(toy_splits, seed: int, **kwargs):

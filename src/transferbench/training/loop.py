@@ -125,20 +125,22 @@ def predict(model: nn.Module, loader: Iterable, *, device: torch.device, gather:
     """Logits and labels of every sample (all ranks' shards, in dataset order), and the mean loss."""
     was_training = model.training
     model.eval()
-    indices, logits, labels, loss_sum = [], [], [], 0.0
+    indices, logits, labels = [], [], []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device, read once (see fit)
     for images, targets, idx in loader:
-        images, targets = images.to(device), targets.to(device)
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, autocast):
             out = model(images)
         out = out.float()
         if loss_fn is not None:
-            loss_sum += float(loss_fn(out, targets)) * len(targets)
-        indices.append(idx.cpu().numpy()), logits.append(out.cpu().numpy()), labels.append(targets.cpu().numpy())
+            loss_sum += loss_fn(out, targets).double() * len(targets)
+        indices.append(idx.numpy()), logits.append(out), labels.append(targets)
     model.train(was_training)
-    cat = (lambda xs, shape: np.concatenate(xs) if xs else np.empty(shape))
-    mine = (cat(indices, (0,)), cat(logits, (0, 0)), cat(labels, (0,)), loss_sum)
+    cat = (lambda xs, shape: torch.cat(xs).cpu().numpy() if xs else np.empty(shape))
+    mine = (np.concatenate(indices) if indices else np.empty((0,)), cat(logits, (0, 0)), cat(labels, (0,)),
+            float(loss_sum))
     parts = gather(mine)
     order = np.concatenate([p[0] for p in parts]).argsort(kind="stable")
     all_logits = np.concatenate([p[1] for p in parts if len(p[1])])[order]
@@ -189,12 +191,16 @@ def fit(model: nn.Module, *, train_loader: Iterable, val_loader: Iterable, proto
         model.train()
         started = time.perf_counter()
         warm_start = in_warmup(protocol, state.step)
-        loss_sum, correct, seen = 0.0, 0, 0
+        # summed on the device and read once per epoch: a read per step would make the host wait for
+        # the GPU at every step (float64, as the host summed each step's float32 loss before)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
         for images, targets, _ in train_loader:
             warm = in_warmup(protocol, state.step)
             classifier.freeze_backbone(warm or protocol.mode == "linear_probe")
             _set_lr(optimizer, protocol.warmup_lr if warm else _phase_lr(optimizer, protocol, state))
-            images, targets = images.to(device), targets.to(device)
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with _autocast(device, autocast):
@@ -204,10 +210,10 @@ def fit(model: nn.Module, *, train_loader: Iterable, val_loader: Iterable, proto
             loss.backward()
             optimizer.step()
             state.step += 1
-            loss_sum += float(loss.detach()) * len(targets)
-            correct += int((logits.argmax(1) == targets).sum())
+            loss_sum += loss.detach().double() * len(targets)
+            correct += (logits.argmax(1) == targets).sum()
             seen += len(targets)
-        totals = np.sum(np.array(gather((loss_sum, correct, seen)), dtype=np.float64), axis=0)
+        totals = np.sum(np.array(gather((float(loss_sum), int(correct), seen)), dtype=np.float64), axis=0)
         val_logits, val_labels, val_loss = predict(model, val_loader, device=device, gather=gather,
                                                    autocast=autocast, channels_last=channels_last,
                                                    loss_fn=eval_loss)
