@@ -41,6 +41,7 @@ from typing import Any
 
 from benchmarks import training
 from benchmarks.overhead import cpu_used_by_name, process_cpu
+from transferbench.cluster import RUNTIME_ENV
 from transferbench.training.ray_trainer import WORKER_ENV, start_environment
 
 CLK = os.sysconf("SC_CLK_TCK")
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                                      side=round(args.img_size / 0.85))
         work = training.prepare(args.backbone, settings.backbone(args.backbone), protocol, splits_dir=splits,
                                 cache_dir=root / "cache")
-        ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False)
+        ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, runtime_env=RUNTIME_ENV)
         kwargs = {"threads": args.threads, "epochs": args.epochs}
         for _ in range(args.pairs):
             places["main"].append(measured_loop(work, **kwargs))

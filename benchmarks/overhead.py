@@ -31,6 +31,7 @@ from typing import Any
 import psutil
 
 from benchmarks.stats import Summary
+from transferbench.cluster import RUNTIME_ENV
 
 
 class PeakTreeMemory:
@@ -74,10 +75,10 @@ def ray_init(*, address: str | None, num_cpus: int) -> float:
 
     started = time.perf_counter()
     if address:
-        ray.init(address=address, configure_logging=True, logging_level="WARNING")
+        ray.init(address=address, configure_logging=True, logging_level="WARNING", runtime_env=RUNTIME_ENV)
     else:  # always a fresh local cluster: never join one another process started
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=True,
-                 logging_level="WARNING")
+                 logging_level="WARNING", runtime_env=RUNTIME_ENV)
     return time.perf_counter() - started
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from transferbench.cluster import RUNTIME_ENV
 from transferbench.config import Settings, build
 
 CLASSES = ("bright", "dark")
@@ -78,6 +79,6 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, configure_logging=True, logging_level="WARNING")
+        ray.init(num_cpus=2, configure_logging=True, logging_level="WARNING", runtime_env=RUNTIME_ENV)
     yield
     ray.shutdown()
