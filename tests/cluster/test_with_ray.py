@@ -45,3 +45,21 @@ def test_exit_code_is_the_commands_and_a_configured_cluster_is_used_as_is(tmp_pa
                       env={"RAY_ADDRESS": "10.9.8.7:6379"}, logs="given-logs")
     assert given.returncode == 0 and given.stdout.strip() == "10.9.8.7:6379"
     assert not (tmp_path / "given-logs").exists()  # no head node was started
+
+
+TRAIN_SIX_SECONDS = ("import tempfile, time; from ray.train import RunConfig, ScalingConfig; "
+                     "from ray.train.torch import TorchTrainer; from transferbench.cluster import connect; "
+                     "connect(None); "
+                     "TorchTrainer(lambda config: time.sleep(6), scaling_config=ScalingConfig(num_workers=1), "
+                     "run_config=RunConfig(storage_path=tempfile.mkdtemp())).fit(); time.sleep(2)")
+
+
+def test_ray_trains_placement_group_cleaner_warns_once_per_run_not_every_second(tmp_path: Path) -> None:
+    # Without the dashboard the cleaner's State API query fails every second (6 times in this run);
+    # the jobs transferbench starts log that once, saying why.
+    done = _with_ray(tmp_path, sys.executable, "-c", TRAIN_SIX_SECONDS)
+    assert done.returncode == 0, done.stdout + done.stderr
+    warned = [line for line in (done.stdout + done.stderr).splitlines()
+              if "Failed to query Ray Train Controller actor state" in line]
+    assert len(warned) == 1, "\n".join(warned) or done.stdout + done.stderr
+    assert "transferbench: shown once per run" in warned[0] and "PlacementGroupCleaner" in warned[0]
