@@ -364,7 +364,10 @@ def test_sigkilled_driver_resumes_from_its_checkpoint_when_the_command_is_rerun(
     written = _last_checkpoint(storage)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     (killed,) = _children(uri)
-    assert killed.info.status == "RUNNING"  # nobody could end it
+    # Never FINISHED. The workers either die with the driver's job (RUNNING) or first see the dead
+    # controller: rank 0's next ray.train.report raises and it closes the run FAILED (seen in
+    # make test-slow on 8cabd21: 0.3 s after epoch 4 was logged).
+    assert killed.info.status in ("RUNNING", "FAILED")
 
     _finished(_finetune(params, tmp_path, ray_two_nodes.env))
     result = _result(tmp_path)
