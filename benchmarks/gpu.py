@@ -36,7 +36,7 @@ import torch
 from benchmarks import report, training
 from benchmarks.stats import Summary
 from benchmarks.training import matmul_rate
-from transferbench.cluster import RUNTIME_ENV
+from transferbench.cluster import connect
 from transferbench.config import BackboneSettings, FinetuneSettings, load_settings
 from transferbench.models import build_classifier
 
@@ -219,10 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = None
     root = Path(tempfile.mkdtemp(prefix="transferbench-gpu-"))
     if not args.no_pipeline and torch.cuda.is_available():
-        import ray
-
-        ray.init(num_cpus=int(args.cpus_per_worker) + 1, configure_logging=True, logging_level="WARNING",
-                 runtime_env=RUNTIME_ENV)
+        connect(None, num_cpus=int(args.cpus_per_worker) + 1)
         pipeline = {"protocol": pipeline_protocol(settings.finetune, args.epochs), "root": root,
                     "steps": args.pipeline_steps, "cpus_per_worker": args.cpus_per_worker, "loader_passes": args.loader_passes,
                     "loader_workers": loader_choices(args.loader_workers, args.cpus_per_worker),

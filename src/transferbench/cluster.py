@@ -34,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from transferbench.errors import TransferbenchError
 
@@ -86,12 +87,16 @@ def quiet_placement_group_cleaner() -> None:
 RUNTIME_ENV = {"worker_process_setup_hook": f"{__name__}.quiet_placement_group_cleaner"}
 
 
-def connect(address: str | None) -> None:
-    """Join the cluster at ``address`` (None: ``$RAY_ADDRESS``, else a local instance) unless joined already."""
+def connect(address: str | None, **options: Any) -> None:
+    """Join the cluster at ``address`` (None: ``$RAY_ADDRESS``, else a local instance) unless joined already.
+
+    ``options``: more ``ray.init`` arguments (``num_cpus`` of a local instance, for the tests and benchmarks).
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, configure_logging=True, logging_level="WARNING", runtime_env=RUNTIME_ENV)
+        ray.init(address=address, configure_logging=True, logging_level="WARNING", runtime_env=RUNTIME_ENV,
+                 **options)
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from transferbench.cluster import RUNTIME_ENV
+from transferbench.cluster import connect
 from transferbench.config import Settings, build
 
 CLASSES = ("bright", "dark")
@@ -78,7 +78,6 @@ def ray_cluster():
     """One local Ray cluster for the whole test session."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, configure_logging=True, logging_level="WARNING", runtime_env=RUNTIME_ENV)
+    connect(None, num_cpus=2)
     yield
     ray.shutdown()

@@ -136,11 +136,10 @@ def predict(model: nn.Module, loader: Iterable, *, device: torch.device, gather:
         out = out.float()
         if loss_fn is not None:
             loss_sum += loss_fn(out, targets).double() * len(targets)
-        indices.append(idx.numpy()), logits.append(out), labels.append(targets)
+        indices.append(idx), logits.append(out), labels.append(targets)
     model.train(was_training)
-    cat = (lambda xs, shape: torch.cat(xs).cpu().numpy() if xs else np.empty(shape))
-    mine = (np.concatenate(indices) if indices else np.empty((0,)), cat(logits, (0, 0)), cat(labels, (0,)),
-            float(loss_sum))
+    cat = (lambda xs, shape: torch.cat(xs).cpu().numpy() if xs else np.empty(shape))  # one copy to the host
+    mine = (cat(indices, (0,)), cat(logits, (0, 0)), cat(labels, (0,)), float(loss_sum))
     parts = gather(mine)
     order = np.concatenate([p[0] for p in parts]).argsort(kind="stable")
     all_logits = np.concatenate([p[1] for p in parts if len(p[1])])[order]
