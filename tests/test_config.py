@@ -119,3 +119,11 @@ def test_elastic_worker_range_and_placement_strategy(tmp_path: Path, raw: dict) 
     raw["ray"].update(min_workers=None, placement_strategy="RANDOM")
     with pytest.raises(ConfigError, match=r"ray\.placement_strategy.*'PACK', 'SPREAD'"):
         load_settings(_write(tmp_path, raw))
+
+
+def test_ray_storage_path_must_be_a_mounted_path_not_a_uri(tmp_path: Path, raw: dict) -> None:
+    raw["ray"]["storage_path"] = "/mnt/shared/ray_results"
+    assert load_settings(_write(tmp_path, raw)).ray.storage_path == "/mnt/shared/ray_results"
+    raw["ray"]["storage_path"] = "s3://bucket/ray_results"
+    with pytest.raises(ConfigError, match=r"ray\.storage_path.*'s3://bucket/ray_results' is a URI.*mounts"):
+        load_settings(_write(tmp_path, raw))

@@ -385,7 +385,7 @@ class RaySettings:
     use_gpu: bool = False
     cpus_per_worker: float = bounded(1.0, gt=0)
     max_failures: int = bounded(2, ge=-1)
-    # Where Ray Train keeps checkpoints; must be readable by every node on a cluster.
+    # Where Ray Train keeps checkpoints: a path every node of a cluster mounts (not an s3:// URI).
     storage_path: str = "data/ray_results"
     # Checkpoints kept by val loss (the latest one is always kept too, for recovery).
     checkpoints_to_keep: int = bounded(1, ge=1)
@@ -407,6 +407,10 @@ class RaySettings:
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ConfigError(f"params key 'ray.min_workers': {self.min_workers} is more than "
                               f"ray.num_workers ({self.num_workers})")
+        if "://" in self.storage_path:  # Path() would make "s3://b/x" a local directory named "s3:"
+            raise ConfigError(f"params key 'ray.storage_path': {self.storage_path!r} is a URI; transferbench keeps "
+                              "each run's completion marker and MLflow run id beside its checkpoints, so it needs "
+                              "a path that every node mounts (NFS, EFS, a local disk on one machine)")
 
     @property
     def scaling_workers(self) -> int | tuple[int, int]:
