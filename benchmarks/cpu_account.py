@@ -17,7 +17,8 @@ from ``/proc/self/task/*/stat`` and ``/proc/stat``:
 - CPU seconds per image of the process's other threads (Ray's core-worker threads, MLflow ...);
 - CPU seconds per image of every other process on the machine (``/proc/stat`` busy time minus
   this process's);
-- minor page faults and involuntary context switches per image of the step's threads;
+- minor page faults, involuntary context switches (preempted) and voluntary ones (went to sleep,
+  e.g. at an OpenMP barrier) per image of the step's threads;
 - the CPU seconds of every other process, by name (Ray's daemons and Ray Train's actors, named by
   their actor class: ``overhead.process_cpu``).
 
@@ -41,10 +42,11 @@ from typing import Any
 
 from benchmarks import training
 from benchmarks.overhead import cpu_used_by_name, process_cpu
-from transferbench.cluster import RUNTIME_ENV
+from transferbench.cluster import connect
 from transferbench.training.ray_trainer import WORKER_ENV, start_environment
 
 CLK = os.sysconf("SC_CLK_TCK")
+PLACES = ("main", "thread", "ray_train", "ray_train_default_malloc")
 
 
 def _stat(path: str) -> tuple[str, float, int]:
@@ -54,8 +56,8 @@ def _stat(path: str) -> tuple[str, float, int]:
     return raw[raw.index("(") + 1:raw.rindex(")")], (int(fields[11]) + int(fields[12])) / CLK, int(fields[7])
 
 
-def _threads() -> dict[int, tuple[str, float, int, int]]:
-    """This process's threads: tid -> (name, CPU s, minor faults, involuntary context switches)."""
+def _threads() -> dict[int, tuple[str, float, int, int, int]]:
+    """This process's threads: tid -> (name, CPU s, minor faults, involuntary and voluntary context switches)."""
     out = {}
     for tid in os.listdir("/proc/self/task"):
         try:
@@ -63,8 +65,9 @@ def _threads() -> dict[int, tuple[str, float, int, int]]:
             status = Path(f"/proc/self/task/{tid}/status").read_text()
         except OSError:
             continue
-        nivcsw = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("nonvoluntary"))
-        out[int(tid)] = (name, cpu, minflt, nivcsw)
+        switches = {k: int(v) for k, _, v in (line.partition(":\t") for line in status.splitlines())
+                    if k in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")}
+        out[int(tid)] = (name, cpu, minflt, switches["nonvoluntary_ctxt_switches"], switches["voluntary_ctxt_switches"])
     return out
 
 
@@ -78,7 +81,7 @@ def _machine_busy() -> float:
 class Mark:
     wall: float
     busy: float
-    threads: dict[int, tuple[str, float, int, int]]
+    threads: dict[int, tuple[str, float, int, int, int]]
     processes: dict[int, tuple[str, float]]
 
 
@@ -106,6 +109,8 @@ def account(start: Mark, end: Mark, images: int, loop_tid: int) -> dict[str, Any
             "machine_other_cpu_ms_per_image": 1000 * (end.busy - start.busy - process_cpu) / images,
             "minflt_per_image": sum(delta(t, 2) for t in step) / images,
             "nivcsw_per_image": sum(delta(t, 3) for t in step) / images,
+            # voluntary: the step's threads went to sleep (e.g. libgomp's team at a barrier once it stops spinning)
+            "nvcsw_per_image": sum(delta(t, 4) for t in step) / images,
             "other_processes_cpu_s": {k: round(v, 2) for k, v in sorted(others.items(), key=lambda kv: -kv[1])
                                       if v >= 0.02}}
 
@@ -161,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=4, help="the first is warm-up")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--pairs", type=int, default=2)
+    p.add_argument("--places", default=",".join(PLACES), help="comma-separated subset of %(default)s")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--out", default="reports/bench/cpu_account.json")
     args = p.parse_args(argv)
@@ -169,23 +175,26 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = load_settings(args.params)
     protocol = dataclasses.replace(settings.finetune, mode="full", warmup_iters=0, img_size=args.img_size)
-    places: dict[str, list[dict[str, Any]]] = {"main": [], "thread": [], "ray_train": [],
-                                               "ray_train_default_malloc": []}
+    chosen = [p.strip() for p in args.places.split(",")]
+    if unknown := sorted(set(chosen) - set(PLACES)):
+        raise SystemExit(f"--places: unknown {unknown}; choose from {list(PLACES)}")
+    places: dict[str, list[dict[str, Any]]] = {place: [] for place in PLACES if place in chosen}
     with tempfile.TemporaryDirectory(prefix="transferbench-cpu-") as tmp:
         root = Path(tmp)
         splits = training.write_task(root, n_train=args.steps * protocol.batch_size, n_eval=8,
                                      side=round(args.img_size / 0.85))
         work = training.prepare(args.backbone, settings.backbone(args.backbone), protocol, splits_dir=splits,
                                 cache_dir=root / "cache")
-        ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, runtime_env=RUNTIME_ENV)
+        connect(None, num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False)
         kwargs = {"threads": args.threads, "epochs": args.epochs}
+        run = {"main": lambda: measured_loop(work, **kwargs),
+               "thread": lambda: _in_thread(work, **kwargs),
+               "ray_train": lambda: _in_ray_train(work, storage=root / "ray", worker_env=dict(WORKER_ENV), **kwargs),
+               "ray_train_default_malloc": lambda: _in_ray_train(work, storage=root / "ray", worker_env=None,
+                                                                 **kwargs)}
         for _ in range(args.pairs):
-            places["main"].append(measured_loop(work, **kwargs))
-            places["thread"].append(_in_thread(work, **kwargs))
-            places["ray_train"].append(_in_ray_train(work, storage=root / "ray", worker_env=dict(WORKER_ENV),
-                                                     **kwargs))
-            places["ray_train_default_malloc"].append(_in_ray_train(work, storage=root / "ray", worker_env=None,
-                                                                    **kwargs))
+            for place, runs in places.items():
+                runs.append(run[place]())
         ray.shutdown()
     result = {"backbone": args.backbone, "img_size": args.img_size, "batch": protocol.batch_size,
               "steps": args.steps, "epochs": args.epochs, "threads": args.threads, "places": places}
@@ -196,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     partial.replace(out)
 
     keys = ("ips", "step_cpu_ms_per_image", "process_other_cpu_ms_per_image", "machine_other_cpu_ms_per_image",
-            "minflt_per_image", "nivcsw_per_image")
+            "minflt_per_image", "nivcsw_per_image", "nvcsw_per_image")
     print(f"{args.backbone}, {args.img_size} px, batch {protocol.batch_size}, {args.threads} threads; "
           f"medians over {args.pairs} runs each (alternated)")
     print(f"{'place':26s} " + " ".join(f"{k.replace('_per_image', '/img'):>24s}" for k in keys))

@@ -309,7 +309,10 @@ def closing_notes(bench: dict[str, Any]) -> list[str]:
             + (f"Ray Train's helper processes (controller, placement-group cleaner, preemption watcher, ...) "
                f"took {helpers:.1%} of the machine's CPU beside the worker throughout (section 4); Ray Train starts "
                "them for every run, and only the preemption watcher has a switch "
-               "(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER)." if helpers is not None else ""))
+               "(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER). When torch's threads take every core, as here, that CPU "
+               "comes out of the step, which they also preempt (benchmarks/README, session 12: the plain loop "
+               "ran at 0.96 of a main thread's speed in a Ray Train worker with 2 threads on 2 cores, at 1.04 "
+               "with 1 thread)." if helpers is not None else ""))
     t = bench.get("thread_cost")
     if t:
         notes.append(

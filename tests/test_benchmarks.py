@@ -72,11 +72,11 @@ def test_gap_factors_multiply_to_the_pipeline_plain_ratio() -> None:
 
 def test_cpu_account_splits_the_step_from_everything_else() -> None:
     me = os.getpid()
-    start = cpu_account.Mark(wall=0.0, busy=10.0, threads={1: ("loop", 1.0, 100, 5), 2: ("omp", 1.0, 50, 1),
-                                                             3: ("grpc", 0.0, 0, 0)},
+    start = cpu_account.Mark(wall=0.0, busy=10.0, threads={1: ("loop", 1.0, 100, 5, 20), 2: ("omp", 1.0, 50, 1, 30),
+                                                             3: ("grpc", 0.0, 0, 0, 0)},
                              processes={me: ("python", 2.0), 7: ("raylet", 1.0)})
-    end = cpu_account.Mark(wall=2.0, busy=15.0, threads={1: ("loop", 3.0, 300, 9), 2: ("omp", 2.5, 90, 3),
-                                                           3: ("grpc", 0.1, 0, 0), 4: ("new", 0.2, 1, 0)},
+    end = cpu_account.Mark(wall=2.0, busy=15.0, threads={1: ("loop", 3.0, 300, 9, 40), 2: ("omp", 2.5, 90, 3, 70),
+                                                           3: ("grpc", 0.1, 0, 0, 500), 4: ("new", 0.2, 1, 0, 9)},
                            processes={me: ("python", 5.8), 7: ("raylet", 2.4)})
     out = cpu_account.account(start, end, images=10, loop_tid=1)
     assert out["ips"] == 5.0 and sorted(out["step_threads"]) == ["loop", "omp"]  # the pool: >= 1/4 of the loop
@@ -84,6 +84,7 @@ def test_cpu_account_splits_the_step_from_everything_else() -> None:
     assert out["process_other_cpu_ms_per_image"] == pytest.approx(30.0)  # grpc 0.1 + a new thread 0.2
     assert out["machine_other_cpu_ms_per_image"] == pytest.approx(120.0)  # busy 5.0 - this process 3.8
     assert (out["minflt_per_image"], out["nivcsw_per_image"]) == (pytest.approx(24.0), pytest.approx(0.6))
+    assert out["nvcsw_per_image"] == pytest.approx(6.0)  # (20 + 40) / 10: the step's threads only, not grpc's 500
     assert out["other_processes_cpu_s"] == {"raylet": pytest.approx(1.4)}
 
 
