@@ -31,7 +31,7 @@ from typing import Any
 import psutil
 
 from benchmarks.stats import Summary
-from transferbench.cluster import RUNTIME_ENV
+from transferbench.cluster import connect
 
 
 class PeakTreeMemory:
@@ -71,14 +71,11 @@ class PeakTreeMemory:
 
 def ray_init(*, address: str | None, num_cpus: int) -> float:
     """Start (or join) the Ray cluster the benchmark uses; returns seconds taken."""
-    import ray
-
     started = time.perf_counter()
     if address:
-        ray.init(address=address, configure_logging=True, logging_level="WARNING", runtime_env=RUNTIME_ENV)
+        connect(address)
     else:  # always a fresh local cluster: never join one another process started
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=True,
-                 logging_level="WARNING", runtime_env=RUNTIME_ENV)
+        connect("local", num_cpus=num_cpus, include_dashboard=False)
     return time.perf_counter() - started
 
 
