@@ -101,3 +101,20 @@ def test_summary_has_the_training_contract(synthetic):
     assert list(frames["train"].columns[:3]) == ["filename", "label", "group"]
     assert all(Path(f).is_file() for f in frames["train"]["filename"])  # relative to the working directory
     assert (split_dir(synthetic.data, "synthetic") / "quarantine.csv").is_file()
+
+
+def test_an_image_changed_under_its_name_changes_the_manifests_so_cache_and_data_version_follow(synthetic):
+    from transferbench.training.data import build_cache, read_manifests
+
+    split_task("synthetic", synthetic.task("synthetic"), synthetic.data)
+    before = read_manifests(synthetic.data.splits_dir, "synthetic")
+    cache = build_cache(before, "train", side=40, cache_dir=synthetic.data.cache_dir)
+    version = before.data_version()
+    victim, donor = before.frame("train")["filename"].iloc[:2]
+    Path(victim).write_bytes(Path(donor).read_bytes())  # same name, same size, another picture
+    split_task("synthetic", synthetic.task("synthetic"), synthetic.data)
+    after = read_manifests(synthetic.data.splits_dir, "synthetic")
+    assert after.frame("train").set_index("filename").at[victim, "md5"] == \
+        after.frame("train").set_index("filename").at[donor, "md5"]
+    assert after.data_version() != version
+    assert build_cache(after, "train", side=40, cache_dir=synthetic.data.cache_dir) != cache

@@ -88,3 +88,13 @@ def test_real_mirror_validates(covid):
     report = validate_task("covid_geo", covid.task("covid_geo"), covid.data)
     assert report["success"]
     assert any("[val] expect_table_row_count_to_be_between" in w for w in report["warnings"])  # Africa: 3 images
+
+
+def test_an_image_replaced_after_the_split_fails_naming_the_file(split_synthetic):
+    s = split_synthetic
+    train = pd.read_csv(manifest_path(s.data, "synthetic", "train"))
+    victim, donor = train["filename"].iloc[0], train["filename"].iloc[1]
+    Path(victim).write_bytes(Path(donor).read_bytes())  # a valid image, but not the one the split saw
+    with pytest.raises(DataError) as info:
+        validate_task("synthetic", s.task("synthetic"), s.data)
+    assert "changed_since_split" in str(info.value) and victim in str(info.value)

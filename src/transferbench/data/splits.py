@@ -176,14 +176,13 @@ def prepare(frame: pd.DataFrame, task: TaskSettings, data: DataSettings) -> tupl
         ex.add(~frame.get("official_split", pd.Series("", index=frame.index)).isin(["train", "test"]),
                "bad_official_split", "official_split is not train/test")
 
-    sizes = {}
-    for i in frame.index[ex.open]:
-        probe = probe_image(frame.at[i, "filename"], min_side=data.min_image_side)
-        sizes[i] = (probe.width, probe.height)
+    probes = {i: probe_image(frame.at[i, "filename"], min_side=data.min_image_side) for i in frame.index[ex.open]}
+    for i, probe in probes.items():
         if probe.reason is not None:
             ex.add(pd.Series(frame.index == i, index=frame.index), probe.reason, probe.detail)
-    frame["width"] = pd.Series({i: w for i, (w, _) in sizes.items()}, dtype="Int64")
-    frame["height"] = pd.Series({i: h for i, (_, h) in sizes.items()}, dtype="Int64")
+    frame["width"] = pd.Series({i: p.width for i, p in probes.items()}, dtype="Int64")
+    frame["height"] = pd.Series({i: p.height for i, p in probes.items()}, dtype="Int64")
+    frame["md5"] = pd.Series({i: p.md5 for i, p in probes.items()}, dtype="object")
 
     excluded = frame[~ex.open].assign(reason=ex.reason[~ex.open], detail=ex.detail[~ex.open])
     return frame[ex.open].copy(), excluded

@@ -116,13 +116,21 @@ def _read_manifest(path: Path) -> pd.DataFrame:
 
 
 def _image_checks(frame: pd.DataFrame, min_side: int) -> pd.Series:
+    """Per row: "ok", or why its image is unusable or no longer the one the split stage saw (md5)."""
     checks = []
-    for filename in frame["filename"]:
+    recorded = frame["md5"] if "md5" in frame else pd.Series(None, index=frame.index, dtype="object")
+    for filename, md5 in zip(frame["filename"], recorded, strict=True):
         if not isinstance(filename, str):
             checks.append("no filename")
             continue
         probe = probe_image(filename, min_side=min_side)
-        checks.append("ok" if probe.reason is None else f"{probe.reason}: {probe.detail}")
+        if probe.reason is not None:
+            checks.append(f"{probe.reason}: {probe.detail}")
+        elif isinstance(md5, str) and md5 != probe.md5:
+            checks.append(f"changed_since_split: {filename} has md5 {probe.md5}, the manifest {md5} "
+                          "(rerun the split stage: dvc repro)")
+        else:
+            checks.append("ok")
     return pd.Series(checks, index=frame.index, dtype="object")
 
 
