@@ -188,6 +188,9 @@ class SyntheticSettings:
     groups: int = bounded(36, ge=3)
     images_per_group: int = bounded(4, ge=1)
     image_size: int = bounded(64, ge=16, le=512)
+    # Draw each class in its own hue (jittered) as well as its own shape: an easy cue, so that
+    # random-init tiny models learn the task within a smoke budget (false: random colours).
+    class_hue: bool = False
     # Free-text locations in the COVID-19 metadata style ("City, Country"); groups cycle through them.
     locations: tuple[str, ...] = ("Sydney, Australia", "Boston, USA", "Toronto, Canada", "Cairo, Egypt",
                                   "Milan, Italy", "Tokyo, Japan")
@@ -374,8 +377,11 @@ class RaySettings:
     """Ray cluster and Ray Train scaling; only these change between a laptop and a cluster."""
 
     # null: start a local cluster (or honour RAY_ADDRESS); otherwise e.g. "ray://host:10001" or "auto".
+    # Not read in local mode (num_workers 0), which starts or joins no cluster.
     address: str | None = None
-    num_workers: int = bounded(1, ge=1)
+    # 0: Ray Train local mode, the training function in the calling process (no cluster, no
+    # actors, no DDP); >= 1: that many Ray Train worker actors (DDP across them).
+    num_workers: int = bounded(0, ge=0)
     # Elastic training: null = exactly num_workers; otherwise Ray Train runs with between
     # min_workers and num_workers workers, so a run that loses a node goes on with fewer.
     min_workers: int | None = bounded(None, ge=1)
@@ -404,6 +410,9 @@ class RaySettings:
     loader_workers: int = bounded(0, ge=0)
 
     def __post_init__(self) -> None:
+        if self.local_mode and self.min_workers is not None:
+            raise ConfigError("params key 'ray.min_workers': elastic training needs Ray Train workers; "
+                              "it must be null when ray.num_workers is 0 (local mode)")
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ConfigError(f"params key 'ray.min_workers': {self.min_workers} is more than "
                               f"ray.num_workers ({self.num_workers})")
@@ -411,6 +420,11 @@ class RaySettings:
             raise ConfigError(f"params key 'ray.storage_path': {self.storage_path!r} is a URI; transferbench keeps "
                               "each run's completion marker and MLflow run id beside its checkpoints, so it needs "
                               "a path that every node mounts (NFS, EFS, a local disk on one machine)")
+
+    @property
+    def local_mode(self) -> bool:
+        """Ray Train local mode: the fine-tune runs in the calling process, with no Ray cluster."""
+        return self.num_workers == 0
 
     @property
     def scaling_workers(self) -> int | tuple[int, int]:
@@ -447,6 +461,10 @@ class CompareSettings:
     metric_tolerance: float = bounded(0.05, ge=0)
     # Friedman / Nemenyi significance level.
     alpha: float = bounded(0.05, gt=0, lt=1)
+    # Learning floors of the drift gate: task -> the score the best backbone of EVERY family must
+    # reach on it (at most, for lower-is-better metrics), so a study that stopped learning fails the
+    # gate by name instead of showing only as rank "drift". Empty: no floor.
+    learning_floors: Mapping[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- tuning
@@ -558,6 +576,10 @@ class Settings:
                         raise ConfigError(
                             f"params key '{section}.{key}': {name!r} is not defined under '{key}'; "
                             f"allowed values: {', '.join(sorted(catalogue))}")
+        for name in self.compare.learning_floors:
+            if name not in self.tasks:
+                raise ConfigError(f"params key 'compare.learning_floors.{name}': {name!r} is not defined under "
+                                  f"'tasks'; allowed values: {', '.join(sorted(self.tasks))}")
         if self.finetune.hyperparameters == "tuned":
             for name in self.study.backbones:
                 self.finetune_for(name)

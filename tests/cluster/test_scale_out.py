@@ -47,7 +47,10 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 def _params(tmp: Path, splits_root: Path, **overrides: dict) -> Path:
-    raw = toy_params(splits_root, ray={"storage_path": str(tmp / "ray_results"), **overrides.pop("ray", {})},
+    """Params for the toy task on Ray Train worker actors (one unless ``ray`` says more): these tests are
+    about the distributed path."""
+    raw = toy_params(splits_root, ray={"num_workers": 1, "storage_path": str(tmp / "ray_results"),
+                                       **overrides.pop("ray", {})},
                      tracking={"tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}",
                                "artifact_location": str(tmp / "mlartifacts")}, **overrides)
     path = tmp / "params.yaml"

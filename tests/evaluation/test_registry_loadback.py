@@ -20,12 +20,12 @@ import mlflow.pytorch
 import pytest
 import yaml
 
-from training.conftest import ray_cluster, toy_params, toy_splits  # noqa: F401
+from training.conftest import toy_params, toy_splits  # noqa: F401
 from transferbench.config import Settings, build
 from transferbench.evaluation.scoring import score_split
 from transferbench.training.finetune import run_finetune
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
+pytestmark = pytest.mark.slow  # fine-tunes in Ray Train local mode (toy_params)
 
 BACKBONES = ("test_resnet", "test_vit")
 

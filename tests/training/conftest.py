@@ -64,7 +64,8 @@ def toy_params(root: Path, **overrides: dict) -> dict:
             "test_vit": {"model": "test_vit", "family": "transformer", "weights": "none", "preset": "tiny"},
         },
         "finetune": {"warmup_iters": 2, "max_epochs": 3, "img_size": 32, "batch_size": 8, "early_stop_patience": 5},
-        "ray": {"num_workers": 1, "max_failures": 2, "storage_path": str(root / "ray_results")},
+        # Local mode unless a test is about distribution (it then asks for workers).
+        "ray": {"num_workers": 0, "max_failures": 2, "storage_path": str(root / "ray_results")},
         "tracking": {"tracking_uri": f"sqlite:///{root / 'mlruns.db'}", "artifact_location": str(root / "mlartifacts"),
                      "system_metrics": True},
     }

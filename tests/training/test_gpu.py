@@ -28,15 +28,19 @@ def _gpu_run(toy_splits, tmp, backbone: str, seed: int = 0, **ray: object) -> di
                         plots_dir=tmp / "plots")
 
 
-@pytest.mark.parametrize(("backbone", "mixed_precision", "channels_last", "loader_workers", "expected"), [
-    ("test_resnet", True, True, 0, ("bf16-autocast", True)),
-    ("test_vit", True, True, 2, ("bf16-autocast", False)),  # channels-last is for ConvNets only
-    ("test_resnet", False, False, 0, ("fp32", False)),
+@pytest.mark.parametrize(("backbone", "mixed_precision", "channels_last", "loader_workers", "num_workers",
+                          "expected"), [
+    ("test_resnet", True, True, 0, 1, ("bf16-autocast", True)),
+    ("test_resnet", True, True, 0, 0, ("bf16-autocast", True)),  # Ray Train local mode
+    ("test_vit", True, True, 2, 1, ("bf16-autocast", False)),  # channels-last is for ConvNets only
+    ("test_vit", True, True, 2, 0, ("bf16-autocast", False)),
+    ("test_resnet", False, False, 0, 1, ("fp32", False)),
 ])
 def test_a_gpu_run_trains_on_the_gpu_in_the_precision_asked_for(toy_splits, tmp_path, backbone, mixed_precision,
-                                                                  channels_last, loader_workers, expected):
+                                                                  channels_last, loader_workers, num_workers,
+                                                                  expected):
     result = _gpu_run(toy_splits, tmp_path, backbone, mixed_precision=mixed_precision, channels_last=channels_last,
-                      loader_workers=loader_workers)
+                      loader_workers=loader_workers, num_workers=num_workers)
     assert result["device"] == torch.cuda.get_device_name(0)
     assert (result["precision"], result["channels_last"]) == expected
     assert result["epochs_run"] == 3 and math.isfinite(result["best_val_loss"])

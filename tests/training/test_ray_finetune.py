@@ -1,4 +1,6 @@
-"""End to end on a real local Ray cluster and a real MLflow SQLite store (issue #4 acceptance)."""
+"""The distributed path end to end: Ray Train worker actors on a real local Ray cluster, DDP, a
+killed worker and a killed driver, and a real MLflow SQLite store (issue #4 acceptance).
+Local mode (``ray.num_workers: 0``) is tested in test_local_mode.py."""
 
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
 
 def _stores(tmp: Path, **overrides):
-    return {"ray": {"storage_path": str(tmp / "ray_results"), **overrides.get("ray", {})},
+    """Stores under ``tmp``; one Ray Train worker actor unless ``ray`` says otherwise (these tests are
+    about the distributed path: workers, DDP, FailureConfig)."""
+    return {"ray": {"num_workers": 1, "storage_path": str(tmp / "ray_results"), **overrides.get("ray", {})},
             "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}",
                          "artifact_location": str(tmp / "mlartifacts")},
             **{k: v for k, v in overrides.items() if k != "ray"}}

@@ -14,7 +14,6 @@ from .conftest import toy_settings
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("ray_cluster")
 def test_tuned_hyperparameters_are_used_and_tagged(toy_splits: Path, tmp_path: Path) -> None:
     tuned = {"lr": 3.0e-3, "warmup_iters": 0, "warmup_lr": 2.0e-7}
     settings = toy_settings(

@@ -237,6 +237,8 @@ def fit(model: nn.Module, *, train_loader: Iterable, val_loader: Iterable, proto
         }
         if val["auroc"] is not None:
             record["val_auroc"] = val["auroc"]
+        # plain Python numbers (no numpy scalars): checkpoints then load with torch.load(weights_only=True)
+        record = {k: v.item() if isinstance(v, np.generic) else v for k, v in record.items()}
         state.history.append(record)
         state.epoch = epoch
         if state.bad_epochs >= protocol.early_stop_patience:

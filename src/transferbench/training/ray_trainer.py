@@ -3,6 +3,10 @@
 This module is the driver's side (``fit_on_ray``, the ``WorkerSpec`` it hands the workers);
 what each worker runs is ``ray_worker``, imported only inside the workers.
 
+- ``ray.num_workers: 0`` is Ray Train's local mode: ``ScalingConfig(num_workers=0)`` runs the
+  training function in the calling process and thread, with the same ``ray.train`` API and no
+  cluster, controller or actors. What local mode does not provide (storage context, node id,
+  checkpoint state across processes, checkpoint pruning) ``ray_worker`` does itself.
 - ``TorchTrainer`` with ``ScalingConfig(num_workers, use_gpu, {"CPU": cpus_per_worker})``
   from ``params.yaml`` ``ray``; DDP via ``ray.train.torch.prepare_model`` /
   ``prepare_data_loader``. One CPU worker, several, or GPUs on many nodes: only params change.
@@ -12,7 +16,8 @@ what each worker runs is ``ray_worker``, imported only inside the workers.
 - Recovery: ``FailureConfig(max_failures)`` restarts killed workers, which resume from
   ``ray.train.get_checkpoint()``; a killed driver is resumed by running the same command
   again, because the run name/storage path are deterministic and Ray Train (v2) reloads
-  that run's checkpoint state.
+  that run's checkpoint state. In local mode a rerun resumes from the newest complete
+  checkpoint in the run directory (``ray_worker.latest_checkpoint``).
 - On GPU: bf16 autocast and (ConvNets) channels-last, per ``ray.mixed_precision`` /
   ``ray.channels_last``.
 - Only rank 0 talks to MLflow (``MlflowTracker`` attached to a run the driver created).
@@ -25,6 +30,7 @@ run directory records that it happened).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -87,6 +93,8 @@ class WorkerSpec:
     mixed_precision: bool = True
     channels_last: bool = True
     loader_workers: int = 0
+    local_mode: bool = False  # ray.num_workers 0: this process trains; no Ray cluster
+    checkpoints_to_keep: int = 1  # local mode prunes its checkpoints itself (Ray Train does otherwise)
     kill_at_epoch: int | None = None
     kill_rank: int = 0
 
@@ -130,9 +138,26 @@ def fit_on_ray(spec: WorkerSpec, *, run_name: str, storage_path: str, num_worker
     ``num_workers``: a fixed count, or ``(min, max)`` for Ray Train's elastic training (a run
     that loses a node restarts from its last checkpoint with the workers that still fit).
     ``report_interval_s``: how often the controller collects the workers' reports (``ray.report_interval_s``).
+    ``num_workers`` 0 (``spec.local_mode``): Ray Train local mode, ``train_worker`` in this thread; the
+    other settings are for worker actors and unused.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    if num_workers == 0:
+        if not spec.local_mode:
+            raise ValueError("num_workers 0 is local mode: the WorkerSpec must say local_mode=True")
+        # Local mode logs every ray.train.report's metrics at INFO (a dict per epoch on the console);
+        # the run's metrics go to MLflow, so only Ray Train's warnings are shown.
+        ray_train_logger = logging.getLogger("ray.train")
+        level = ray_train_logger.level
+        ray_train_logger.setLevel(max(level, logging.WARNING))
+        try:
+            TorchTrainer(train_worker, train_loop_config={"spec": spec}, scaling_config=ScalingConfig(num_workers=0),
+                         run_config=RunConfig(name=run_name, storage_path=storage_path)).fit()
+        finally:
+            ray_train_logger.setLevel(level)
+        return json.loads((Path(spec.run_dir) / FINAL_FILE).read_text())
 
     trainer = TorchTrainer(
         train_worker,

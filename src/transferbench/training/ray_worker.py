@@ -9,8 +9,11 @@ unpickles ``train_worker``, need not import them (~2.4 s of every run's start-up
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,8 @@ from transferbench.training.ray_trainer import (
     start_environment,
 )
 
+logger = logging.getLogger(__name__)
+
 
 def _gather(obj: Any) -> list[Any]:
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
@@ -48,31 +53,45 @@ def _gather(obj: Any) -> list[Any]:
 
 
 class _Tracking:
-    """Per-epoch metrics to the tracker (rank 0), logged before the checkpoint is reported."""
+    """Per-epoch metrics to the tracker (rank 0), after the epoch's checkpoint is written.
 
-    def __init__(self, tracker: Any) -> None:
+    A resumed run logs each epoch once, with no gap: epochs the tracker already has (a run
+    killed after logging them) are not logged again, and epochs the resumed checkpoint holds
+    but the tracker lacks (killed between the checkpoint and the log) are logged on resume.
+    """
+
+    def __init__(self, tracker: Any, resumed_history: list[dict[str, float]] | None = None) -> None:
         self.tracker = tracker
+        self.logged_through = tracker.last_logged_step("val_loss")  # 0 for a new run
+        for record in resumed_history or ():
+            self._log(record)
+
+    def _log(self, record: dict[str, float]) -> None:
+        epoch = int(record["epoch"])
+        if epoch > self.logged_through:
+            self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+            self.logged_through = epoch
 
     def __call__(self, record: dict[str, float], session: loop.FitSession) -> bool:
-        self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
+        self._log(record)
         return False
 
 
 class _Checkpointing:
-    """Every epoch, the session's state as a Ray Train checkpoint, reported by rank 0.
+    """Every epoch, the session's state as a Ray Train checkpoint, reported by every rank (written by rank 0).
 
     The state is written straight into the run's directory on the (local or shared, mounted)
-    storage, where Ray Train keeps its checkpoints, and reported without an upload
-    (``CheckpointUploadMode.NO_UPLOAD``): written once, not written to a temporary directory
-    and then copied (resnet18 on the 2-core CPU: 0.74 s between epochs with the copy).
-    ``ray.storage_path`` is never a URI (``RaySettings`` rejects them), so the storage is local.
+    storage, where Ray Train keeps its checkpoints, as ``state.pt.tmp`` renamed to ``state.pt``
+    once complete, and reported without an upload (``CheckpointUploadMode.NO_UPLOAD``).
+    ``ray.storage_path`` is never a URI (``RaySettings`` rejects them), so the run directory is
+    the storage. In local mode Ray Train keeps no checkpoints: this hook prunes them as
+    ``CheckpointConfig`` would (the best ``checkpoints_to_keep`` by val loss, plus the latest).
     """
 
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
+    def __init__(self, spec: WorkerSpec, rank: int) -> None:
+        self.spec, self.rank = spec, rank
 
     def __call__(self, record: dict[str, float], session: loop.FitSession) -> bool:
-        import pyarrow.fs
         import ray.train
         from ray.train import CheckpointUploadMode
 
@@ -80,18 +99,56 @@ class _Checkpointing:
         if self.rank != 0:
             ray.train.report(dict(record), checkpoint=None, checkpoint_dir_name=name)
             return False
-        storage = ray.train.get_context().get_storage()
-        if not isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
-            raise TransferbenchError(f"Ray Train storage {storage.storage_fs_path!r} is on "
-                                     f"{storage.storage_filesystem.type_name!r}; checkpoints need a mounted path")
-        directory = Path(storage.experiment_fs_path) / name
+        directory = Path(self.spec.run_dir) / name
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f"{STATE_FILE}.tmp"  # a resumed epoch may find a killed attempt's file
         torch.save(session.state_dict(), tmp)
         os.replace(tmp, directory / STATE_FILE)
         ray.train.report(dict(record), checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=name, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+        if self.spec.local_mode:
+            prune_checkpoints(self.spec.run_dir, session.state.history, keep=self.spec.checkpoints_to_keep)
         return False
+
+
+def _epoch_of(directory: Path) -> int | None:
+    prefix = checkpoint_name(0)[:-4]
+    digits = directory.name[len(prefix):]
+    return int(digits) if directory.name.startswith(prefix) and digits.isdigit() else None
+
+
+def latest_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
+    """The newest complete checkpoint's state in ``run_dir`` (local mode's resume), or None.
+
+    Only ``state.pt`` counts: a checkpoint being written when the process died is still
+    ``state.pt.tmp``. A ``state.pt`` that does not load (truncated by a full disk or a crash of
+    the machine) is skipped with a warning naming it, and the one before it is used.
+    """
+    epochs = sorted(((e, d) for d in Path(run_dir).glob(checkpoint_name(0)[:-4] + "*")
+                     if (e := _epoch_of(d)) is not None), reverse=True)
+    for _, directory in epochs:
+        path = directory / STATE_FILE
+        if not path.is_file():
+            continue
+        try:
+            return _load_state(directory)
+        except Exception as exc:  # noqa: BLE001 -- any unreadable file: fall back to the previous checkpoint
+            logger.warning("skipping unreadable checkpoint %s (%s: %s); resuming from the one before it",
+                           path, type(exc).__name__, exc)
+    return None
+
+
+def prune_checkpoints(run_dir: str | Path, history: list[dict[str, float]], *, keep: int) -> list[int]:
+    """Delete the checkpoints of ``history``'s epochs but the ``keep`` best by val loss and the latest; returns the kept."""
+    val_loss = {int(r["epoch"]): r["val_loss"] for r in history}
+    present = {e: d for d in Path(run_dir).iterdir() if (e := _epoch_of(d)) is not None and e in val_loss}
+    if not present:
+        return []
+    kept = set(sorted(present, key=lambda e: (val_loss[e], e))[:keep]) | {max(present)}
+    for epoch, directory in present.items():
+        if epoch not in kept:
+            shutil.rmtree(directory, ignore_errors=True)
+    return sorted(kept)
 
 
 class _FaultInjection:
@@ -114,7 +171,7 @@ class _FaultInjection:
 
 
 def _load_state(directory: str | Path) -> dict[str, Any]:
-    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
 def hardware(device: torch.device, autocast: torch.dtype | None, channels_last: bool) -> dict[str, Any]:
@@ -135,9 +192,12 @@ def run(config: dict[str, Any]) -> None:
     from transferbench.training.tracking import MlflowTracker, NullTracker
 
     spec: WorkerSpec = config["spec"]
+    if spec.local_mode:  # no worker_runtime_env in local mode; cuBLAS reads this when CUDA starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", WORKER_ENV["CUBLAS_WORKSPACE_CONFIG"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    # Local mode's get_device() is CUDA whenever CUDA exists: ray.use_gpu decides here.
+    device = ray.train.torch.get_device() if spec.use_gpu else torch.device("cpu")
     loop.seed_everything(spec.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
@@ -158,7 +218,9 @@ def run(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
     # Which Ray node each rank runs on (rank order), for the run's record: on a cluster the
     # workers of one run may sit on different machines, and change after a node is lost.
-    nodes = [str(n) for n in _gather(ray.get_runtime_context().get_node_id())]
+    # In local mode there is no Ray node: the host stands for it.
+    node = f"local:{socket.gethostname()}" if spec.local_mode else ray.get_runtime_context().get_node_id()
+    nodes = [str(n) for n in _gather(node)]
 
     def dataset(split: str, train: bool) -> CachedImages:
         return CachedImages(spec.cache_files[split], img_size=spec.img_size, mean=spec.mean, std=spec.std,
@@ -176,14 +238,16 @@ def run(config: dict[str, Any]) -> None:
                                world_size=world), add_dist_sampler=False)
 
     resume = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    if spec.local_mode:  # local mode keeps no checkpoint state across processes: the run directory does
+        resume = latest_checkpoint(spec.run_dir)
+    elif (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as directory:
             resume = _load_state(directory)
 
     tracker = (MlflowTracker(tracking_uri=spec.tracking_uri, run_id=spec.mlflow_run_id,
                              system_metrics=spec.system_metrics) if rank == 0 else NullTracker())
-    hooks: list[loop.EpochHook] = [_Tracking(tracker), _Checkpointing(rank)]
+    tracking = _Tracking(tracker, resume["loop"]["history"] if resume else None)
+    hooks: list[loop.EpochHook] = [_Checkpointing(spec, rank), tracking]
     if spec.kill_at_epoch is not None:
         hooks.append(_FaultInjection(spec, rank))
     try:
@@ -193,6 +257,9 @@ def run(config: dict[str, Any]) -> None:
                            channels_last=channels_last)
         _finish(spec, session, model, val=val, test=test, device=device, rank=rank, tracker=tracker,
                 autocast=autocast, channels_last=channels_last, nodes=nodes)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into this): a rerun resumes the run
+        tracker.close("KILLED")
+        raise
     except BaseException:
         tracker.close("FAILED")
         raise

@@ -32,6 +32,7 @@ class Tracker(Protocol):
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def last_logged_step(self, key: str) -> int: ...
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def log_model(self, model: Any, *, input_example: Any, output_example: Any) -> str | None: ...
@@ -54,6 +55,9 @@ class NullTracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.metrics.append((step, dict(metrics)))
+
+    def last_logged_step(self, key: str) -> int:
+        return max((step or 0 for step, values in self.metrics if key in values), default=0)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.tags.update(tags)
@@ -115,6 +119,11 @@ class MlflowTracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
+
+    def last_logged_step(self, key: str) -> int:
+        """The highest step of metric ``key`` in the run (0: none), e.g. the last epoch a killed attempt logged."""
+        history = self._mlflow.MlflowClient().get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=0)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._mlflow.set_tags(_clean(tags))

@@ -1,0 +1,162 @@
+"""``ray.num_workers: 0``: Ray Train local mode, the fine-tune in the calling process (issue #19).
+
+Real parts: Ray Train's local mode, a real MLflow SQLite store, real checkpoints on disk, and a
+real SIGKILL of a ``transferbench finetune`` process from outside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from transferbench.training.finetune import COMPLETED_FILE, run_finetune
+from transferbench.training.ray_trainer import FINAL_FILE, STATE_FILE, checkpoint_name
+from transferbench.training.ray_worker import latest_checkpoint, prune_checkpoints
+from transferbench.training.tracking import STUDY_TAG
+
+from .conftest import toy_params, toy_settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _local(root: Path, tmp: Path, **overrides: dict) -> dict:
+    ray = {"num_workers": 0, "storage_path": str(tmp / "ray_results"), **overrides.pop("ray", {})}
+    tracking = {"tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "artifact_location": str(tmp / "mlartifacts")}
+    return toy_params(root, ray=ray, tracking=tracking, **overrides)
+
+
+def _child_runs(uri: str, study: str = "toy-study") -> list:
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("transferbench")
+    return client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`{STUDY_TAG}` = '{study}' and tags.`transferbench.kind` = 'finetune'")
+
+
+def test_local_mode_trains_in_this_process_without_a_ray_cluster(toy_splits, tmp_path):
+    import ray
+
+    settings = toy_settings(toy_splits, **{k: v for k, v in _local(toy_splits, tmp_path).items()
+                                           if k in ("ray", "tracking")})
+    assert settings.ray.local_mode
+    connected_before = ray.is_initialized()
+    result = run_finetune(settings, task="toy", backbone="test_resnet", seed=0, metrics_dir=tmp_path / "metrics",
+                          plots_dir=tmp_path / "plots")
+    if not connected_before:
+        assert not ray.is_initialized(), "local mode started or joined a Ray cluster"
+    assert result["num_workers"] == 0 and result["world_size"] == 1 and result["ray_nodes"] == 1
+    assert (result["device"], result["precision"]) == ("cpu", "fp32")
+    on_disk = json.loads((tmp_path / "metrics" / "toy" / "test_resnet" / "seed0.json").read_text())
+    assert on_disk == result and result["resumed_at_epochs"] == []
+    run_dir = Path(settings.ray.storage_path) / result["ray_run_name"]
+    final = json.loads((run_dir / FINAL_FILE).read_text())
+    assert final["worker_nodes"][0].startswith("local:")
+    # Local mode prunes as Ray Train's CheckpointConfig would: the best by val loss, plus the latest.
+    kept = sorted(p.name for p in run_dir.glob("epoch_*"))
+    assert f"epoch_{result['epochs_run']:04d}" in kept and checkpoint_name(result["best_epoch"]) in kept
+    assert len(kept) <= 2 and (run_dir / COMPLETED_FILE).is_file()
+    (child,) = _child_runs(settings.tracking.tracking_uri)
+    assert child.info.run_id == result["mlflow_run_id"] and child.info.status == "FINISHED"
+    assert child.data.params["ray.num_workers"] == "0" and child.data.tags["transferbench.world_size"] == "1"
+    history = mlflow.MlflowClient(settings.tracking.tracking_uri).get_metric_history(child.info.run_id, "val_loss")
+    assert sorted(m.step for m in history) == list(range(1, result["epochs_run"] + 1))
+    curve = pd.read_csv(tmp_path / "plots" / "toy" / "test_resnet" / "seed0.csv")
+    assert list(curve["epoch"]) == list(range(1, result["epochs_run"] + 1))
+
+
+def _state(epoch: int, val_loss: float) -> dict:
+    return {"model": {"w": torch.zeros(2)}, "optimizer": {}, "scheduler": {},
+            "loop": {"epoch": epoch, "history": [{"epoch": epoch, "val_loss": val_loss}]}}
+
+
+def test_resume_skips_a_half_written_and_a_torn_checkpoint_naming_the_file(tmp_path, caplog):
+    for epoch in (1, 2, 3):
+        (tmp_path / checkpoint_name(epoch)).mkdir()
+        torch.save(_state(epoch, 1.0 / epoch), tmp_path / checkpoint_name(epoch) / STATE_FILE)
+    torn = tmp_path / checkpoint_name(3) / STATE_FILE
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])  # e.g. the disk filled up mid-write
+    (tmp_path / checkpoint_name(4)).mkdir()  # killed while writing epoch 4: only its .tmp exists
+    (tmp_path / checkpoint_name(4) / f"{STATE_FILE}.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "epoch_notanumber").mkdir()
+    state = latest_checkpoint(tmp_path)
+    assert state is not None and state["loop"]["epoch"] == 2
+    assert str(torn) in caplog.text and "skipping unreadable checkpoint" in caplog.text
+    empty = tmp_path / "new-run"
+    empty.mkdir()
+    assert latest_checkpoint(empty) is None
+
+
+def test_pruning_keeps_the_best_by_val_loss_and_the_latest(tmp_path):
+    losses = [0.9, 0.5, 0.7, 0.5, 0.8]  # epoch 2 is the best (ties go to the earlier epoch, as in loop.fit)
+    for epoch in range(1, 6):
+        (tmp_path / checkpoint_name(epoch)).mkdir()
+        (tmp_path / checkpoint_name(epoch) / STATE_FILE).write_bytes(b"x")
+    history = [{"epoch": e, "val_loss": v} for e, v in enumerate(losses, start=1)]
+    assert prune_checkpoints(tmp_path, history, keep=1) == [2, 5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint_name(2), checkpoint_name(5)]
+    assert prune_checkpoints(tmp_path, history, keep=3) == [2, 5]  # nothing pruned is brought back
+
+
+@pytest.mark.slow
+def test_a_sigkilled_local_mode_finetune_resumes_into_the_same_mlflow_run_with_no_gap_or_repeat(toy_splits,
+                                                                                                   tmp_path):
+    # Keep every checkpoint, so that after the newest is torn the one before it is there to resume from.
+    params = _local(toy_splits, tmp_path, ray={"checkpoints_to_keep": 50},
+                    finetune={"max_epochs": 14, "early_stop_patience": 50, "img_size": 32, "batch_size": 8})
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    command = [sys.executable, "-m", "transferbench.cli", "--params", str(params_file), "finetune", "--task", "toy",
+               "--backbone", "test_resnet", "--seed", "0", "--metrics-dir", str(tmp_path / "metrics"),
+               "--plots-dir", str(tmp_path / "plots")]
+    storage = tmp_path / "ray_results"
+    stage = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not list(storage.glob(f"*/{checkpoint_name(3)}/{STATE_FILE}")):
+        assert stage.poll() is None, f"the fine-tune ended before its third checkpoint:\n{stage.stdout.read()}"
+        assert time.monotonic() < deadline, "no third checkpoint within 240 s"
+        time.sleep(0.02)
+    stage.send_signal(signal.SIGKILL)  # from outside, mid-run: no handler, no cleanup
+    stage.wait(timeout=30)
+    assert stage.returncode == -signal.SIGKILL
+    (run_dir,) = storage.iterdir()
+    assert not (run_dir / COMPLETED_FILE).exists() and not (tmp_path / "metrics").exists()
+    complete = sorted(int(p.parent.name[6:]) for p in run_dir.glob(f"epoch_*/{STATE_FILE}"))
+    newest = complete[-1]
+    assert newest >= 3 and newest < 14
+    uri = params["tracking"]["tracking_uri"]
+    (killed,) = _child_runs(uri)
+    assert killed.info.status == "RUNNING"  # SIGKILL: nobody closed it
+    logged_before = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(killed.info.run_id, "val_loss")]
+    assert newest - 1 <= max(logged_before) <= newest
+    # The newest checkpoint is torn (as a crash mid-write of the file system would leave it), and a
+    # next one was being written: neither may be taken for a complete checkpoint.
+    torn = run_dir / checkpoint_name(newest) / STATE_FILE
+    torn.write_bytes(torn.read_bytes()[:1000])
+    (run_dir / checkpoint_name(newest + 1)).mkdir(exist_ok=True)
+    (run_dir / checkpoint_name(newest + 1) / f"{STATE_FILE}.tmp").write_bytes(b"\0" * 100)
+
+    rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"skipping unreadable checkpoint {torn}" in rerun.stderr
+    result = json.loads((tmp_path / "metrics" / "toy" / "test_resnet" / "seed0.json").read_text())
+    assert result["resumed_at_epochs"] == [newest - 1] and result["epochs_run"] == 14
+    (finished,) = _child_runs(uri)
+    assert finished.info.run_id == killed.info.run_id == result["mlflow_run_id"], "resume left a second MLflow run"
+    assert finished.info.status == "FINISHED"
+    for key in ("val_loss", "train_loss", "lr"):
+        steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(finished.info.run_id, key)]
+        assert sorted(steps) == list(range(1, 15)), f"{key}: steps {sorted(steps)}: a gap or a repeat"
+    curve = pd.read_csv(tmp_path / "plots" / "toy" / "test_resnet" / "seed0.csv")
+    assert list(curve["epoch"]) == list(range(1, 15))
+    assert not list(run_dir.glob(f"epoch_*/{STATE_FILE}.tmp")), "a .tmp checkpoint was left behind"
+    assert os.path.exists(run_dir / COMPLETED_FILE)
