@@ -4,7 +4,14 @@
 ``RAY_ADDRESS`` pointing at it, then stops the node. Every ``transferbench finetune`` stage
 then joins that one cluster instead of starting (and tearing down) a Ray instance of its
 own. If a cluster is already configured (``ray.address`` or ``$RAY_ADDRESS``), the command
-just runs on it.
+just runs on it; if no stage needs one (``ray.num_workers: 0``, Ray Train local mode), no
+head is started.
+
+Interrupts: the command runs in a process group of its own. SIGINT, SIGTERM or SIGHUP to
+``with-ray`` (Ctrl-C, or a signal to ``make repro``'s group) is passed on to that group as
+SIGINT (Python programs such as DVC and the stages unwind and close their runs), then
+SIGTERM and SIGKILL if it lingers; then the cluster is stopped, its Ray workers included, and
+``with-ray`` exits 128 + the signal's number.
 
 Nodes are started with ``ray start --block`` in their own process group and stopped by
 signalling that group: ``ray stop`` would stop every Ray cluster on the machine. Ray 2.60
@@ -21,6 +28,7 @@ The tests build multi-node clusters from the same class (``add_node``, ``kill_no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +125,25 @@ def wait_until(check: Callable[[], bool], *, timeout: float, what: str, process:
         time.sleep(0.3)
     tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
     raise TransferbenchError(f"{what} did not come up within {timeout:.0f} s\n{tail}")
+
+
+def _descendants(pid: int) -> list[Any]:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _kill_all(processes: Sequence[Any]) -> None:
+    import psutil
+
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
 
 
 def stop_group(process: subprocess.Popen, *, grace: float = 20.0) -> None:
@@ -221,21 +248,93 @@ class RayCluster:
         node.wait(timeout=10)
 
     def stop(self) -> None:
+        """Stop every node, and every process they started: Ray starts its workers (and their loader
+        processes) in process groups of their own, which signalling a node's group does not reach."""
         for node in reversed(self.nodes):  # further nodes first, the head last
+            tree = _descendants(node.pid)
             stop_group(node)
+            _kill_all(tree)
         self.nodes.clear()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _Interrupted(BaseException):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise _Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _on_interrupt(handler: Any) -> Iterator[None]:
+    """``handler`` for SIGINT, SIGTERM and SIGHUP inside the block; the previous handlers after it."""
+    previous = {s: signal.signal(s, handler) for s in INTERRUPTS}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def run_interruptible(command: Sequence[str], *, env: dict[str, str] | None = None, grace: float = 30.0) -> int:
+    """Run ``command`` in a process group of its own; an interrupt of this process stops that whole group.
+
+    On SIGINT/SIGTERM/SIGHUP the group gets SIGINT, SIGTERM after ``grace`` seconds, then SIGKILL,
+    and the return value is 128 + the signal's number; otherwise it is the command's exit code.
+    """
+    received: list[int] = []
+    with _on_interrupt(lambda signum, frame: received.append(signum)):
+        child = subprocess.Popen(list(command), env=env, process_group=0)
+        escalation = [(0.0, signal.SIGINT), (grace, signal.SIGTERM), (2 * grace, signal.SIGKILL)]
+        first: float | None = None
+        while True:
+            try:
+                code = child.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if received:
+                first = time.monotonic() if first is None else first
+                while escalation and time.monotonic() - first >= escalation[0][0]:
+                    _signal_group(child.pid, escalation.pop(0)[1])
+        if received:  # anything of the group that outlived its leader
+            _signal_group(child.pid, signal.SIGKILL)
+    return 128 + received[0] if received else code
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
+
+
 def run_with_cluster(command: Sequence[str], *, params_address: str | None, log_dir: str | Path,
-                     cpus: int | None = None) -> int:
-    """Run ``command`` against a Ray cluster: the configured one, else a head node started for it."""
+                     needs_cluster: bool = True, cpus: int | None = None) -> int:
+    """Run ``command`` against a Ray cluster: the configured one, else a head node started for it.
+
+    ``needs_cluster`` False (every fine-tune in Ray Train local mode): no head node, the command just runs.
+    """
     if configured_address(params_address):
-        return subprocess.call(list(command))
+        return run_interruptible(command)
+    if not needs_cluster:
+        print(f"transferbench: ray.num_workers is 0 (Ray Train local mode): no Ray head node for: "
+              f"{' '.join(command)}", flush=True)
+        return run_interruptible(command)
     cluster = RayCluster(log_dir)
     try:
-        cluster.start([cpus or os.cpu_count() or 1])
+        with _on_interrupt(_raise_interrupted):  # an interrupt while the head starts
+            cluster.start([cpus or os.cpu_count() or 1])
         print(f"transferbench: Ray head node at {cluster.address} for: {' '.join(command)}", flush=True)
-        return subprocess.call(list(command), env=cluster.env)
+        return run_interruptible(command, env=cluster.env)
+    except _Interrupted as stop:
+        return 128 + stop.signum
     finally:
-        cluster.stop()
+        with _on_interrupt(signal.SIG_IGN):  # the cluster is stopped whatever arrives meanwhile
+            cluster.stop()
