@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -97,7 +98,7 @@ def _register(args: argparse.Namespace) -> int:
 def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", nargs="?", const="", default=None, metavar="FILE",
                         help="drift gate: compare with this rank-table JSON (no FILE: params compare.baseline) "
-                             "and exit 1 on drift")
+                             "and exit 1 on drift or when a learning floor (compare.learning_floors) is not met")
     parser.add_argument("--drift-report", metavar="FILE", help="also write the drift Markdown here")
 
 
@@ -126,6 +127,7 @@ def _compare(args: argparse.Namespace) -> int:
         return 0
     tolerance = settings.compare.metric_tolerance
     changes = drift.compare_rank_tables(baseline, table, tolerance=tolerance)
+    changes += drift.check_learning_floors(table, settings.compare.learning_floors)
     report = drift.drift_markdown(changes, baseline=baseline_path, tolerance=tolerance)
     print(report, end="")
     if args.drift_report:
@@ -215,14 +217,19 @@ KILL_AT_EPOCH_ENV = "TRANSFERBENCH_FAULT_KILL_AT_EPOCH"
 def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, help="task name under params.yaml tasks")
     parser.add_argument("--backbone", required=True, help="backbone name under params.yaml backbones")
-    parser.add_argument("--seed", type=int, required=True, help="training seed")
+    parser.add_argument("--seed", type=int, action="append", dest="seeds", metavar="SEED",
+                        help="a training seed; repeat for several (default: every seed of study.seeds, one after "
+                             "another in this process, each its own MLflow run, metrics JSON and curve)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="override ray.num_workers (the effective value is logged to MLflow)")
+                        help="override ray.num_workers (0: Ray Train local mode; the effective value is logged to "
+                             "MLflow)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="train again even if a run with the same configuration completed (default: reuse it)")
     parser.add_argument("--metrics-dir", default=None, help="default: params compare.metrics_dir")
     parser.add_argument("--plots-dir", default="plots/finetune", help="default: %(default)s")
 
 
-@command("finetune", "fine-tune one backbone on one task with one seed (Ray Train, tracked in MLflow)",
+@command("finetune", "fine-tune one backbone on one task, seed by seed (Ray Train, tracked in MLflow)",
          _finetune_arguments)
 def _finetune(args: argparse.Namespace) -> int:
     import os
@@ -231,13 +238,13 @@ def _finetune(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.params)
     kill = os.environ.get(KILL_AT_EPOCH_ENV)
-    result = run_finetune(settings, task=args.task, backbone=args.backbone, seed=args.seed,
-                          num_workers=args.workers, metrics_dir=args.metrics_dir or settings.compare.metrics_dir,
-                          plots_dir=args.plots_dir,
-                          kill_at_epoch=int(kill) if kill else None)
-    print(f"{args.task}/{args.backbone}/seed{args.seed} ({result['weights_label']}): "
-          f"test {result['metric']} {result['test_score']:.4f}, best epoch {result['best_epoch']}/"
-          f"{result['epochs_run']}, mlflow run {result['mlflow_run_id']}")
+    for seed in args.seeds or settings.study.seeds:
+        result = run_finetune(settings, task=args.task, backbone=args.backbone, seed=seed, num_workers=args.workers,
+                              metrics_dir=args.metrics_dir or settings.compare.metrics_dir, plots_dir=args.plots_dir,
+                              fresh=args.fresh, kill_at_epoch=int(kill) if kill else None)
+        print(f"{args.task}/{args.backbone}/seed{seed} ({result['weights_label']}): "
+              f"test {result['metric']} {result['test_score']:.4f}, best epoch {result['best_epoch']}/"
+              f"{result['epochs_run']}, mlflow run {result['mlflow_run_id']}", flush=True)
     return 0
 
 
@@ -301,7 +308,8 @@ def _with_ray_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @command("with-ray", "run a command (e.g. dvc repro) against one Ray head node started for it, so every "
-         "fine-tune stage joins that cluster; with ray.address / RAY_ADDRESS set, just run it", _with_ray_arguments)
+         "fine-tune stage joins that cluster; with ray.address / RAY_ADDRESS set, or ray.num_workers 0 "
+         "(local mode), just run it; an interrupt stops the command and the cluster", _with_ray_arguments)
 def _with_ray(args: argparse.Namespace) -> int:
     from transferbench.cluster import run_with_cluster
 
@@ -309,7 +317,8 @@ def _with_ray(args: argparse.Namespace) -> int:
     if not cmd:
         raise TransferbenchError("with-ray: give the command to run after --, e.g. transferbench with-ray -- dvc repro")
     settings = load_settings(args.params)
-    return run_with_cluster(cmd, params_address=settings.ray.address, log_dir=args.log_dir, cpus=args.cpus)
+    return run_with_cluster(cmd, params_address=settings.ray.address, log_dir=args.log_dir, cpus=args.cpus,
+                            needs_cluster=not settings.ray.local_mode)
 
 
 # --help lists the stages in the order the pipeline runs them.
@@ -340,8 +349,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def entry() -> NoReturn:
     """The ``transferbench`` console script: ``main``, then exit without the interpreter's teardown.
+
+    SIGTERM unwinds the command like Ctrl-C (a ``KeyboardInterrupt``): a fine-tune closes its
+    MLflow run as KILLED and stops its threads, and rerunning the command resumes it. The exit
+    code is then 128 + the signal's number.
 
     Tearing down the modules of torch, timm, MLflow and Ray at interpreter exit takes ~2 s on
     a 2-core machine (a process that imports them: 2.1 s from its last line to its exit, 0.1 s
@@ -350,7 +367,13 @@ def entry() -> NoReturn:
     handlers run (Ray's disconnect, MLflow's and logging's flushes), stdout and stderr are
     flushed. An exception from ``main`` takes the normal way out, with its traceback.
     """
-    code = main()
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        code = main()
+    except KeyboardInterrupt as stop:
+        received = signal.Signals.__members__.get(str(stop), signal.SIGINT)
+        print(f"transferbench: interrupted ({received.name})", file=sys.stderr)
+        code = 128 + received.value
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()

@@ -28,7 +28,10 @@ Outputs, read by ``dvc metrics show`` / ``dvc plots show`` and by the rank table
 
 A run killed part-way (worker or whole process) is resumed by running the same command:
 the Ray run name is derived from the run's full configuration, and its MLflow run id is
-persisted next to the checkpoints, so the same MLflow run continues.
+persisted next to the checkpoints, so the same MLflow run continues. A run that completed
+with the same configuration is not trained again (its outputs are rewritten from the run
+directory), unless ``fresh``: so a stage of several seeds that failed at its last seed
+reruns only that seed.
 """
 
 from __future__ import annotations
@@ -48,11 +51,12 @@ from transferbench.data.atomic import write_text
 from transferbench.models import InputSpec, WeightsSource, build_classifier, effective_img_size
 from transferbench.training.data import SPLITS, build_cache, read_manifests
 from transferbench.training.metrics import write_curve_csv
-from transferbench.training.ray_trainer import HARDWARE_KEYS, WorkerSpec, fit_on_ray
+from transferbench.training.ray_trainer import FINAL_FILE, HARDWARE_KEYS, WorkerSpec, fit_on_ray
 from transferbench.training.tracking import RunRegistry, resolve_tracking_uri
 
 RUN_ID_FILE = "mlflow_run.json"
 COMPLETED_FILE = "COMPLETED"
+RESULT_FILE = "result.json"  # the metrics JSON of a completed run, kept beside its checkpoints
 METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 
 
@@ -76,15 +80,19 @@ def git_commit() -> str:
 
 def run_finetune(settings: Settings, *, task: str, backbone: str, seed: int, num_workers: int | None = None,
                  metrics_dir: str | Path = "metrics/finetune", plots_dir: str | Path = "plots/finetune",
-                 kill_at_epoch: int | None = None, kill_rank: int = 0) -> dict[str, Any]:
-    """Fine-tune ``backbone`` on ``task`` with ``seed``; returns (and writes) the metrics JSON."""
+                 fresh: bool = False, kill_at_epoch: int | None = None, kill_rank: int = 0) -> dict[str, Any]:
+    """Fine-tune ``backbone`` on ``task`` with ``seed``; returns (and writes) the metrics JSON.
+
+    ``fresh``: train again even when a run with the same configuration completed (a new MLflow run).
+    """
     started = time.perf_counter()
     entry = settings.backbone(backbone)
     task_settings = settings.task(task)
     protocol = settings.finetune_for(backbone)  # paper values, or the backbone's tuned lr/warm-up
     ray_settings = settings.ray
-    if num_workers is not None:  # --workers N: N workers (elastic down to min(min_workers, N) if set)
-        floor = None if ray_settings.min_workers is None else min(ray_settings.min_workers, num_workers)
+    if num_workers is not None:  # --workers N: N workers (elastic down to min(min_workers, N) if set; 0: local mode)
+        floor = None if ray_settings.min_workers is None or num_workers == 0 else min(ray_settings.min_workers,
+                                                                                      num_workers)
         ray_settings = dataclasses.replace(ray_settings, num_workers=num_workers, min_workers=floor)
     weights = WeightsSource.parse(entry.weights)
     img_size = effective_img_size(entry, protocol.img_size)
@@ -108,13 +116,16 @@ def run_finetune(settings: Settings, *, task: str, backbone: str, seed: int, num
     run_name = f"{task}.{backbone}.seed{seed}.{run_key}"
     storage = Path(ray_settings.storage_path).resolve()
     run_dir = storage / run_name
-    if (run_dir / COMPLETED_FILE).exists():  # an identical finished run: start afresh, new MLflow run
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
     tracking_uri = resolve_tracking_uri(settings.tracking.tracking_uri)
     registry = RunRegistry(tracking_uri=tracking_uri, experiment=settings.tracking.experiment,
                            artifact_location=settings.tracking.artifact_location)
+    if (run_dir / COMPLETED_FILE).exists():
+        if not fresh and (done := _completed_result(run_dir, registry)) is not None:
+            _write_outputs(done, json.loads((run_dir / FINAL_FILE).read_text())["history"], metrics_dir, plots_dir)
+            return done
+        shutil.rmtree(run_dir)  # an identical run to train again: start afresh, in a new MLflow run
+    run_dir.mkdir(parents=True, exist_ok=True)
+
     persisted = run_dir / RUN_ID_FILE
     previous = json.loads(persisted.read_text())["run_id"] if persisted.exists() else None
     commit = git_commit()
@@ -147,9 +158,11 @@ def run_finetune(settings: Settings, *, task: str, backbone: str, seed: int, num
         tracking_uri=tracking_uri, mlflow_run_id=run_id, system_metrics=settings.tracking.system_metrics,
         log_model=settings.tracking.log_model, use_gpu=ray_settings.use_gpu,
         mixed_precision=ray_settings.mixed_precision, channels_last=ray_settings.channels_last,
-        loader_workers=ray_settings.loader_workers,
+        loader_workers=ray_settings.loader_workers, local_mode=ray_settings.local_mode,
+        checkpoints_to_keep=ray_settings.checkpoints_to_keep,
         kill_at_epoch=kill_at_epoch, kill_rank=kill_rank)
-    connect(ray_settings.address)
+    if not ray_settings.local_mode:  # local mode trains in this process: no cluster to start or join
+        connect(ray_settings.address)
     try:
         final = fit_on_ray(spec, run_name=run_name, storage_path=str(storage),
                            num_workers=ray_settings.scaling_workers, use_gpu=ray_settings.use_gpu,
@@ -176,8 +189,27 @@ def run_finetune(settings: Settings, *, task: str, backbone: str, seed: int, num
         "mlflow_run_id": run_id, "mlflow_parent_run_id": parent_id, "data_version": data_version,
         "git_commit": commit, "ray_run_name": run_name,
     }
-    write_text(metrics_path(metrics_dir, task, backbone, seed), json.dumps(result, indent=2) + "\n")
-    write_curve_csv(final["history"], curve_path(plots_dir, task, backbone, seed))
+    _write_outputs(result, final["history"], metrics_dir, plots_dir)
     registry.client.log_metric(run_id, "train_seconds", result["train_seconds"])
-    (run_dir / COMPLETED_FILE).write_text(run_id + "\n")
+    write_text(run_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
+    write_text(run_dir / COMPLETED_FILE, run_id + "\n")
+    return result
+
+
+def _write_outputs(result: dict[str, Any], history: list[dict[str, float]], metrics_dir: str | Path,
+                   plots_dir: str | Path) -> None:
+    task, backbone, seed = result["task"], result["backbone"], result["seed"]
+    write_text(metrics_path(metrics_dir, task, backbone, seed), json.dumps(result, indent=2) + "\n")
+    write_curve_csv(history, curve_path(plots_dir, task, backbone, seed))
+
+
+def _completed_result(run_dir: Path, registry: RunRegistry) -> dict[str, Any] | None:
+    """The result of the completed run in ``run_dir``, if its MLflow run is still there and FINISHED."""
+    try:
+        result = json.loads((run_dir / RESULT_FILE).read_text())
+        run = registry.client.get_run(result["mlflow_run_id"])
+    except Exception:  # noqa: BLE001 -- no result file, or a run deleted or from another store: train again
+        return None
+    if run.info.lifecycle_stage != "active" or run.info.status != "FINISHED":
+        return None
     return result
