@@ -24,7 +24,8 @@ BACKBONES = {
 
 
 def write_params(root: Path, *, tasks: Mapping[str, str], backbones: Sequence[str], seeds: Sequence[int],
-                 study: str = "unit-study", tolerance: float = 0.05, **tracking: str) -> Path:
+                 study: str = "unit-study", tolerance: float = 0.05, floors: Mapping[str, float] | None = None,
+                 **tracking: str) -> Path:
     """A params.yaml for a study of ``tasks`` (task -> metric) x ``backbones`` x ``seeds`` under ``root``."""
     # Start from the shipped params so sections other engineers own stay valid as they evolve.
     params = yaml.safe_load(REPO_PARAMS.read_text())
@@ -36,7 +37,7 @@ def write_params(root: Path, *, tasks: Mapping[str, str], backbones: Sequence[st
         "backbones": {b: {"model": b, "family": BACKBONES[b][0], "weights": "none", "preset": "tiny",
                           **({"imagenet_top1": BACKBONES[b][1]} if BACKBONES[b][1] else {})} for b in backbones},
         "compare": {"metrics_dir": str(root / "metrics"), "baseline": str(root / "baseline.json"),
-                    "metric_tolerance": tolerance},
+                    "metric_tolerance": tolerance, "learning_floors": dict(floors or {})},
         "tracking": dict(tracking),
         "sensitivity": {**params["sensitivity"], "tasks": list(tasks)[:1], "backbones": list(backbones)},
     }

@@ -109,3 +109,52 @@ def test_baseline_missing_a_key_names_it(baseline, tmp_path, capsys):
     bad.write_text(json.dumps(table))
     assert main(["--params", str(params), "compare", "--baseline", str(bad)]) == 2
     assert "missing key 'tasks.synthetic.backbones.test_vit.mean'" in capsys.readouterr().err
+
+
+# Every backbone learned synthetic except the transformers, which sit at chance (1/3).
+CHANCE_TRANSFORMERS = {
+    "covid_geo": SCORES["covid_geo"],
+    "synthetic": {"test_resnet": [0.95, 0.97, 0.96], "test_convnext": [0.92, 0.90, 0.94],
+                  "test_vit": [0.33, 0.35, 0.31], "test_vit2": [0.30, 0.34, 0.32]},
+}
+
+
+def test_a_family_below_its_learning_floor_fails_the_gate_naming_task_family_and_floor(study, capsys):
+    params = study(CHANCE_TRANSFORMERS, {"covid_geo": "balanced_accuracy", "synthetic": "accuracy"},
+                   floors={"synthetic": 0.9})
+    assert main(["--params", str(params), "compare"]) == 0  # the stage writes its reports either way
+    shutil.copy(params.parent / "reports" / "rank_table.json", params.parent / "baseline.json")
+    # Nothing moved against the baseline, yet the gate fails: the transformers never learned.
+    assert main(["--params", str(params), "compare", "--baseline"]) == 1
+    out = capsys.readouterr().out
+    assert "**DRIFT: 1 change(s) fail the gate**" in out and "Nothing moved." in out
+    (failed,) = [line for line in out.splitlines() if "fails the gate" in line and "| synthetic |" in line]
+    assert "| transformer |" in failed and ">= 0.9" in failed and "0.3300 (test_vit)" in failed
+    (met,) = [line for line in out.splitlines() if line.startswith("| yes | synthetic | convnet |")]
+    assert "0.9600 (test_resnet)" in met
+
+
+def test_learning_floors_are_ceilings_for_lower_is_better_metrics_and_skip_tasks_not_run():
+    from transferbench.evaluation.drift import check_learning_floors
+
+    table = {"backbones": {"a": {"family": "convnet"}, "b": {"family": "transformer"}},
+             "tasks": {"age": {"metric": "mae", "higher_is_better": False,
+                               "backbones": {"a": {"mean": 4.0}, "b": {"mean": 9.0}}}}}
+    checks = {c.subject: c for c in check_learning_floors(table, {"age": 6.0, "synthetic": 0.9})}
+    assert not checks["convnet"].drift and checks["convnet"].before == "<= 6"
+    assert checks["transformer"].drift and "9.0000 mae, not <= 6" in checks["transformer"].why
+    assert not checks["(no family)"].drift and checks["(no family)"].task == "synthetic"
+
+
+def test_a_learning_floor_on_an_undefined_task_fails_at_load(tmp_path):
+    import yaml
+
+    from transferbench.config import ConfigError, load_settings
+    from study_files import REPO_PARAMS
+
+    raw = yaml.safe_load(REPO_PARAMS.read_text())
+    raw["compare"]["learning_floors"] = {"synthetc": 0.9}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="compare.learning_floors.synthetc"):
+        load_settings(path)

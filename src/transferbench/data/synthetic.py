@@ -1,12 +1,16 @@
 """A deterministic generated dataset for unit tests and the CI smoke study (issue #3, item 1).
 
-Each image is a filled shape (one class per shape) on a noisy background; each group (a
+Each image is a filled shape (one class per shape) on a noisy background, in a random bright
+colour or, with ``class_hue``, in its class's own hue (an easy cue, so that tiny random-init
+models learn the task within the smoke study's budget); each group (a
 synthetic "individual", like a patient) has one class and one free-text location in the
 COVID-19 metadata style, so the same geographic split and group checks run on it offline.
 The same ``data.synthetic`` params always give byte-identical files.
 """
 
 from __future__ import annotations
+
+import colorsys
 
 import numpy as np
 import pandas as pd
@@ -22,13 +26,16 @@ from transferbench.errors import DataError
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 
 
-def _draw(shape_index: int, size: int, rng: np.random.Generator) -> Image.Image:
+def _draw(shape_index: int, size: int, rng: np.random.Generator, hue: float | None = None) -> Image.Image:
     background = rng.integers(0, 90, size=(size, size, 3), dtype=np.uint8)
     image = Image.fromarray(background, "RGB")
     draw = ImageDraw.Draw(image)
     radius = int(size * rng.uniform(0.2, 0.35))
     cx, cy = (int(rng.integers(radius, size - radius)) for _ in range(2))
     colour = tuple(int(c) for c in rng.integers(140, 256, size=3))
+    if hue is not None:  # the class's hue, jittered: the class shows in colour as well as shape
+        jittered = (hue + rng.uniform(-0.04, 0.04)) % 1.0
+        colour = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(jittered, rng.uniform(0.7, 1.0), rng.uniform(0.8, 1.0)))
     shape = SHAPES[shape_index % len(SHAPES)]
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
     if shape == "circle":
@@ -60,7 +67,8 @@ def generate(settings: SyntheticSettings, dest: Path) -> pd.DataFrame:
             for offset in range(settings.images_per_group):
                 rng = np.random.default_rng([settings.seed, group, offset])
                 name = f"images/g{group:03d}_{offset}.png"
-                _draw(class_index, settings.image_size, rng).save(tmp / name, format="PNG")
+                hue = class_index / len(settings.classes) if settings.class_hue else None
+                _draw(class_index, settings.image_size, rng, hue).save(tmp / name, format="PNG")
                 rows.append({"filename": name, "label": settings.classes[class_index],
                              "individual": f"ind{group:03d}", "offset": offset, "location": location})
         table = pd.DataFrame(rows)

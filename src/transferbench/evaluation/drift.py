@@ -6,7 +6,10 @@ Drift (the gate fails) is any of:
 - a task's mean metric moves by more than ``compare.metric_tolerance`` AND by more than the
   seeds' own spread (the larger of the two tables' std over seeds): a smaller move is reported
   but is noise at this number of seeds, unless it also changes a rank (then it is rank drift);
-- the study, a task, its metric or a backbone is added or removed.
+- the study, a task, its metric or a backbone is added or removed;
+- a learning floor is not met (``compare.learning_floors``): on a task with a floor, the best
+  backbone of some family scores below it (above it, for a lower-is-better metric). Ranks can
+  hold while every backbone sits at chance; the floor catches a study that stopped learning.
 
 Ranks are always re-derived from the means (``ranking.rank_scores``) on both sides rather than
 trusted from the file, so a hand-edited baseline mean is judged by what it implies; the report
@@ -36,7 +39,7 @@ class DriftError(TransferbenchError):
 
 @dataclass(frozen=True)
 class Change:
-    kind: str  # "rank", "family_order", "metric", "structure", "note"
+    kind: str  # "floor", "rank", "family_order", "metric", "structure", "note"
     task: str
     subject: str  # backbone, family or key
     before: str
@@ -178,25 +181,58 @@ def compare_rank_tables(baseline: Mapping[str, Any], current: Mapping[str, Any],
     return changes
 
 
+def check_learning_floors(table: Mapping[str, Any], floors: Mapping[str, float]) -> list[Change]:
+    """One line per (task with a floor, family): the family's best backbone against the floor."""
+    checks: list[Change] = []
+    for task, floor in sorted(floors.items()):
+        t = table["tasks"].get(task)
+        if t is None:  # dropping the task from the study is structural drift against the baseline
+            checks.append(Change("floor", task, "(no family)", f"{floor:g}", "task not in this study", False,
+                                 "not checked: the study does not run this task"))
+            continue
+        higher = t["higher_is_better"]
+        by_family: dict[str, list[tuple[float, str]]] = {}
+        for name, cell in t["backbones"].items():
+            by_family.setdefault(table["backbones"][name]["family"], []).append((cell["mean"], name))
+        for family, scores in sorted(by_family.items()):
+            best, name = max(scores) if higher else min(scores)
+            met = best >= floor if higher else best <= floor
+            bound = ">=" if higher else "<="
+            why = (f"best {family} backbone {name} meets the floor" if met else
+                   f"LEARNING FLOOR: the best {family} backbone ({name}) scores {best:.4f} {t['metric']}, "
+                   f"not {bound} {floor:g}: the study may have stopped learning")
+            checks.append(Change("floor", task, family, f"{bound} {floor:g}", f"{best:.4f} ({name})", not met, why))
+    return checks
+
+
 def has_drift(changes: list[Change]) -> bool:
     return any(c.drift for c in changes)
 
 
 def drift_markdown(changes: list[Change], *, baseline: str, tolerance: float) -> str:
-    """A Markdown report of exactly what moved (for the terminal and $GITHUB_STEP_SUMMARY)."""
+    """A Markdown report of exactly what moved, and of the learning floors (terminal, $GITHUB_STEP_SUMMARY)."""
     drift = [c for c in changes if c.drift]
+    moves = [c for c in changes if c.kind != "floor"]
+    floors = [c for c in changes if c.kind == "floor"]
     lines = [f"## Rank drift against baseline `{baseline}`", ""]
     if drift:
         lines.append(f"**DRIFT: {len(drift)} change(s) fail the gate** (metric tolerance {tolerance:g}).")
     else:
         lines.append(f"**No drift**: every rank and the family order match the baseline "
-                     f"(metric tolerance {tolerance:g}).")
-    if not changes:
+                     f"(metric tolerance {tolerance:g})" + (", and every learning floor is met." if floors else "."))
+    if not moves:
         lines += ["", "Nothing moved."]
-        return "\n".join(lines) + "\n"
-    lines += ["", "| drift | kind | task | backbone / item | baseline | now | why |", "|---|---|---|---|---|---|---|"]
-    order = {"structure": 0, "rank": 1, "family_order": 2, "metric": 3, "note": 4}
-    for c in sorted(changes, key=lambda c: (not c.drift, order[c.kind], c.task, c.subject)):
-        lines.append(f"| {'**yes**' if c.drift else 'no'} | {c.kind} | {c.task} | `{c.subject}` | {c.before} | "
-                     f"{c.after} | {c.why} |")
+    else:
+        lines += ["", "| drift | kind | task | backbone / item | baseline | now | why |",
+                  "|---|---|---|---|---|---|---|"]
+        order = {"structure": 0, "rank": 1, "family_order": 2, "metric": 3, "note": 4}
+        for c in sorted(moves, key=lambda c: (not c.drift, order[c.kind], c.task, c.subject)):
+            lines.append(f"| {'**yes**' if c.drift else 'no'} | {c.kind} | {c.task} | `{c.subject}` | {c.before} | "
+                         f"{c.after} | {c.why} |")
+    if floors:
+        lines += ["", "### Learning floors", "", "| met | task | family | floor | best backbone | why |",
+                  "|---|---|---|---|---|---|"]
+        for c in floors:
+            lines.append(f"| {'no: **fails the gate**' if c.drift else 'yes'} | {c.task} | {c.subject} | "
+                         f"{c.before} | {c.after} | {c.why} |")
     return "\n".join(lines) + "\n"
