@@ -146,6 +146,7 @@ def run_pipeline(work: Workload, *, root: Path, tracking_uri: str, num_workers: 
                  use_gpu: bool = False, loader_workers: int = 0) -> PipelineRun:
     """Train ``work`` through the engine's Ray Train path and read its epochs back from MLflow.
 
+    ``num_workers`` 0: Ray Train local mode (the engine in this process's main thread); >= 1: worker actors.
     ``use_gpu``: one GPU per worker, bf16 autocast and channels-last for ConvNets (``ray.use_gpu``'s defaults).
     ``loader_workers``: ``ray.loader_workers``, the worker's augmentation processes.
     """
@@ -165,11 +166,16 @@ def run_pipeline(work: Workload, *, root: Path, tracking_uri: str, num_workers: 
         task=TASK, backbone_name=work.name, backbone=work.entry, protocol=work.protocol, classes=work.classes,
         seed=0, img_size=work.img_size, mean=work.mean, std=work.std, cache_files=work.cache_files,
         filenames=work.filenames, run_dir=str(run_dir), tracking_uri=tracking_uri, mlflow_run_id=run_id,
-        system_metrics=system_metrics, log_model=log_model, use_gpu=use_gpu, loader_workers=loader_workers)
+        system_metrics=system_metrics, log_model=log_model, use_gpu=use_gpu, loader_workers=loader_workers,
+        local_mode=num_workers == 0)
+    deterministic = torch.are_deterministic_algorithms_enabled()  # local mode sets it in this process
     started = time.perf_counter()
-    final = fit_on_ray(spec, run_name=run_name, storage_path=str(storage), num_workers=num_workers,
-                       use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, max_failures=0, checkpoints_to_keep=1,
-                       report_interval_s=report_interval_s)
+    try:
+        final = fit_on_ray(spec, run_name=run_name, storage_path=str(storage), num_workers=num_workers,
+                           use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, max_failures=0, checkpoints_to_keep=1,
+                           report_interval_s=report_interval_s)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     wall = time.perf_counter() - started
     history = final["history"]
     # the global batch: each step of N workers takes batch_size images in all
@@ -351,13 +357,14 @@ def loader_rate(work: Workload, *, threads: int, passes: int, workers: int = 0) 
 
 
 def alternate(work: Workload, *, repeats: int, epochs: int, threads: int, cpus_per_worker: float, root: Path,
-              tracking_uri: str, system_metrics: bool, log_model: bool,
-              report_interval_s: float) -> tuple[list[PipelineRun], list[list[float]], list[EngineRun]]:
-    """Pipeline, plain loop and the engine's loop alone, alternated A B C A B C in this process;
-    ``repeats`` rounds."""
+              tracking_uri: str, system_metrics: bool, log_model: bool, report_interval_s: float,
+              pipeline_workers: int = 0) -> tuple[list[PipelineRun], list[list[float]], list[EngineRun]]:
+    """Pipeline (``pipeline_workers`` 0: local mode; 1: one Ray Train worker actor), plain loop and the
+    engine's loop alone, alternated A B C A B C in this process; ``repeats`` rounds."""
     pipeline, plain, engine = [], [], []
     for _ in range(repeats):
-        pipeline.append(run_pipeline(work, root=root, tracking_uri=tracking_uri, num_workers=1,
+        torch.set_num_threads(threads)  # local mode trains in this process with its threads
+        pipeline.append(run_pipeline(work, root=root, tracking_uri=tracking_uri, num_workers=pipeline_workers,
                                      cpus_per_worker=cpus_per_worker, system_metrics=system_metrics,
                                      log_model=log_model, report_interval_s=report_interval_s))
         plain.append(run_plain(work, threads=threads, epochs=epochs))
