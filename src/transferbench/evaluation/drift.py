@@ -195,7 +195,8 @@ def check_learning_floors(table: Mapping[str, Any], floors: Mapping[str, float])
         for name, cell in t["backbones"].items():
             by_family.setdefault(table["backbones"][name]["family"], []).append((cell["mean"], name))
         for family, scores in sorted(by_family.items()):
-            best, name = max(scores) if higher else min(scores)
+            pick = max if higher else min  # the first best in catalogue order on a tie
+            best, name = pick(scores, key=lambda s: s[0])
             met = best >= floor if higher else best <= floor
             bound = ">=" if higher else "<="
             why = (f"best {family} backbone {name} meets the floor" if met else
