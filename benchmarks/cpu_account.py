@@ -38,15 +38,26 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from benchmarks import training
 from benchmarks.overhead import cpu_used_by_name, process_cpu
-from transferbench.cluster import connect
-from transferbench.training.ray_trainer import WORKER_ENV, start_environment
+from transferbench.engine.cluster import connect
+from transferbench.engine.spec import WORKER_ENV
 
 CLK = os.sysconf("SC_CLK_TCK")
 PLACES = ("main", "thread", "ray_train", "ray_train_default_malloc")
+
+
+def start_environment(keys: Iterable[str]) -> dict[str, str | None]:
+    """``keys`` as this process was started with them (what glibc read), not as ``os.environ`` has them now."""
+    try:
+        raw = Path("/proc/self/environ").read_bytes()
+    except OSError:  # not Linux
+        return {k: os.environ.get(k) for k in keys}
+    start = dict(item.decode(errors="replace").split("=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k: start.get(k) for k in keys}
 
 
 def _stat(path: str) -> tuple[str, float, int]:
@@ -174,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     settings = load_settings(args.params)
-    protocol = dataclasses.replace(settings.finetune, mode="full", warmup_iters=0, img_size=args.img_size)
+    protocol = settings.finetune.model_copy(update={"mode": "full", "warmup_iters": 0, "img_size": args.img_size})
     chosen = [p.strip() for p in args.places.split(",")]
     if unknown := sorted(set(chosen) - set(PLACES)):
         raise SystemExit(f"--places: unknown {unknown}; choose from {list(PLACES)}")

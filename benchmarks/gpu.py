@@ -21,7 +21,6 @@ ResNet-50 (random init, 224 px):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -36,9 +35,9 @@ import torch
 from benchmarks import report, training
 from benchmarks.stats import Summary
 from benchmarks.training import matmul_rate
-from transferbench.cluster import connect
+from transferbench.engine.cluster import connect
 from transferbench.config import BackboneSettings, FinetuneSettings, load_settings
-from transferbench.models import build_classifier
+from transferbench.models import build_model
 
 MODELS = {
     "vit_b16": BackboneSettings(model="vit_base_patch16_224", family="transformer", weights="none", preset="paper"),
@@ -75,7 +74,8 @@ def _timed_steps(name: str, entry: BackboneSettings, *, batch: int, steps: int, 
                  compile_model: bool, peak: float) -> dict[str, Any]:
     torch.manual_seed(0)
     channels_last = entry.family == "convnet"
-    model = build_classifier(entry, num_classes=1000, img_size=224, dropout=0.2).cuda().train()
+    head = lambda n: torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(n, 1000))  # noqa: E731
+    model = build_model(entry, img_size=224, head=head).cuda().train()
     images = torch.randn(batch, 3, 224, 224, device="cuda")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -118,8 +118,8 @@ PIPELINE_EPOCHS = 5  # 2 of them warm-up (the cycle figure starts at epoch 3)
 
 def pipeline_protocol(finetune: FinetuneSettings, epochs: int = PIPELINE_EPOCHS) -> FinetuneSettings:
     """params.yaml's protocol for the GPU pipeline run: 224 px, every epoch run, the whole network trained."""
-    return dataclasses.replace(finetune, mode="full", warmup_iters=0, max_epochs=epochs,
-                               early_stop_patience=epochs + 1, img_size=224)
+    return finetune.model_copy(update={"mode": "full", "warmup_iters": 0, "max_epochs": epochs,
+                                       "early_stop_patience": epochs + 1, "img_size": 224})
 
 
 def pipeline_on_gpu(name: str, entry: BackboneSettings, protocol: FinetuneSettings, *, root: Path, steps: int,

@@ -31,7 +31,7 @@ from typing import Any
 import psutil
 
 from benchmarks.stats import Summary
-from transferbench.cluster import connect
+from transferbench.engine.cluster import connect
 
 
 class PeakTreeMemory:

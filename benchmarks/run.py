@@ -18,7 +18,6 @@ few minutes; its ratios are dominated by per-epoch costs that a real epoch amort
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import os
 import platform
@@ -30,7 +29,6 @@ from typing import Any
 from benchmarks import gpu, overhead, report, threads, training
 from benchmarks.stats import Summary
 from transferbench.config import load_settings
-from transferbench.models import presets
 
 # Pipeline/plain in every A/B pair: with Ray Train worker actors (issue #8), and in local mode, where
 # the engine trains in the same main thread as the plain loop (issue #19).
@@ -114,12 +112,12 @@ def _median(values: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings(args.params)
-    catalogue = presets(settings)
+    catalogue = settings.presets()
     names = (args.backbones.split(",") if args.backbones
              else [n for preset in args.presets.split(",") for n in catalogue.get(preset, ())])
-    protocol = dataclasses.replace(
-        settings.finetune, mode="full", warmup_iters=0, max_epochs=args.epochs, early_stop_patience=args.epochs + 1,
-        img_size=args.img_size, batch_size=args.batch_size or settings.finetune.batch_size)
+    protocol = settings.finetune.model_copy(update={
+        "mode": "full", "warmup_iters": 0, "max_epochs": args.epochs, "early_stop_patience": args.epochs + 1,
+        "img_size": args.img_size, "batch_size": args.batch_size or settings.finetune.batch_size})
     batch = protocol.batch_size
     tracking = settings.tracking
     notes: list[str] = [

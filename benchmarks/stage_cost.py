@@ -14,9 +14,10 @@ overlap and they add up to the wall time:
 - ``settings``: ``load_settings``; ``data_and_model``: manifests, the model probe, the image cache;
 - ``mlflow``: the run registry (store, parent/child runs, params, tags, dataset inputs), the
   tracker's start, per-epoch logging and close, system-metrics start-up;
-- ``training``: ``loop.fit`` (steps and the per-epoch val pass); ``checkpoints``: the per-epoch
-  ``torch.save`` + ``ray.train.report``; ``evaluation``: the best weights' val/test predictions and
-  metrics; ``figures``: confusion matrix and learning curve; ``model_logging``: ``mlflow.pytorch``;
+- ``training``: ``loop.fit``'s steps; ``checkpoints``: the per-epoch ``torch.save`` +
+  ``ray.train.report``; ``evaluation``: predictions and the task kind's metrics (every epoch's val
+  pass, and the best weights' val/test); ``figures``: the kind's figures (confusion matrix) and the
+  learning curve; ``model_logging``: ``mlflow.pytorch``;
 - ``other``: the rest of ``main`` (Ray Train's local controller, result files, argument parsing);
 - ``exit``: from ``main``'s return to the process's end, as the parent sees it.
 
@@ -72,11 +73,12 @@ def charged(phase, function):
 
 bootstrap._find_and_load = charged("imports", bootstrap._find_and_load)
 from transferbench import cli, config
-from transferbench.training import finetune, loop, ray_trainer, ray_worker, tracking
-from transferbench.models import backbones
+from transferbench.engine import loop, ray_worker, tracking
+from transferbench.engine.tasks import classification
+from transferbench.stages import finetune as stage
 WRAP = {
     "settings": [(cli, "load_settings")],
-    "data_and_model": [(finetune, "read_manifests"), (finetune, "build_classifier"), (finetune, "build_cache")],
+    "data_and_model": [(stage, "prepare_inputs")],
     "mlflow": [(tracking.RunRegistry, name) for name in ("__init__", "study_run", "child_run", "log_params",
                                                           "set_tags", "log_manifests", "log_metrics")]
               + [(tracking.MlflowTracker, name) for name in ("__init__", "log_metrics", "set_tags", "close",
@@ -84,8 +86,8 @@ WRAP = {
               + [(ray_worker._Tracking, "__call__")],
     "training": [(loop, "fit")],
     "checkpoints": [(ray_worker._Checkpointing, "__call__"), (ray_worker, "latest_checkpoint")],
-    "evaluation": [(ray_worker, "classification_metrics"), (loop, "predict")],
-    "figures": [(ray_worker, "confusion_matrix_figure"), (ray_worker, "learning_curve_figure")],
+    "evaluation": [(classification.Classification, "evaluate"), (loop, "predict")],
+    "figures": [(classification.Classification, "figures"), (ray_worker, "learning_curve_figure")],
     "model_logging": [(tracking.MlflowTracker, "log_model")],
 }
 for phase, targets in WRAP.items():

@@ -42,15 +42,27 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from transferbench.config import BackboneSettings, FinetuneSettings
-from transferbench.models import InputSpec, build_classifier
-from transferbench.training import loop
-from transferbench.training.data import SPLITS, CachedImages, build_cache, eval_loader, read_manifests, train_loader
-from transferbench.training.ray_trainer import HARDWARE_KEYS, WorkerSpec, fit_on_ray
-from transferbench.training.tracking import RunRegistry
+from transferbench.config import (
+    BackboneSettings,
+    DataSettings,
+    FinetuneSettings,
+    RaySettings,
+    TaskSettings,
+    TrackingSettings,
+)
+from transferbench.engine import loop
+from transferbench.engine.data import CachedImages, eval_loader, train_loader
+from transferbench.engine.inputs import TaskInputs, prepare_inputs
+from transferbench.engine.ray_driver import fit_on_ray
+from transferbench.engine.spec import HARDWARE_KEYS, WorkerSpec
+from transferbench.engine.tasks import TaskKind
+from transferbench.engine.tracking import RunRegistry
+from transferbench.models import build_model
+from transferbench.paths import SPLITS
 
 TASK = "bench"
 CLASSES = ("bright", "dark")
+BENCH_TASK = TaskSettings(dataset="synthetic", split={"rule": "random"})  # classification, two classes
 STUDY = "benchmark"
 
 
@@ -86,27 +98,42 @@ class Workload:
     name: str
     entry: BackboneSettings
     protocol: FinetuneSettings
-    img_size: int
-    classes: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    cache_files: dict[str, str]
+    inputs: TaskInputs
     filenames: dict[str, tuple[str, ...]]
+
+    @property
+    def kind(self) -> TaskKind:
+        return self.inputs.kind
+
+    @property
+    def img_size(self) -> int:
+        return self.inputs.img_size
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.inputs.kind.classes
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.inputs.spec.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.inputs.spec.std
+
+    @property
+    def cache_files(self) -> dict[str, str]:
+        return {s: str(p) for s, p in self.inputs.caches.items()}
 
 
 def prepare(name: str, entry: BackboneSettings, protocol: FinetuneSettings, *, splits_dir: Path,
             cache_dir: Path) -> Workload:
-    """Random-init backbone, timm's input spec and the decoded cache, as ``run_finetune`` builds them."""
-    entry = dataclasses.replace(entry, weights="none", img_size=None)  # --img-size applies to all
-    manifests = read_manifests(splits_dir, TASK)
-    probe = build_classifier(entry, num_classes=len(manifests.classes), img_size=protocol.img_size,
-                             dropout=protocol.head_dropout)
-    spec_in = InputSpec.of(probe.backbone)
-    side = spec_in.cache_side(protocol.img_size)
-    caches = {s: str(build_cache(manifests, s, side=side, cache_dir=cache_dir).resolve()) for s in SPLITS}
-    filenames = {s: tuple(str(f) for f in manifests.frame(s)["filename"]) for s in SPLITS}
-    return Workload(name, entry, protocol, protocol.img_size, manifests.classes, spec_in.mean, spec_in.std,
-                    caches, filenames)
+    """Random-init backbone, timm's input spec and the decoded cache, as the fine-tune stage prepares them."""
+    entry = entry.model_copy(update={"weights": "none", "img_size": None})  # --img-size applies to all
+    data = DataSettings(splits_dir=str(splits_dir), cache_dir=str(cache_dir))
+    inputs = prepare_inputs(data, TASK, BENCH_TASK, entry, protocol)
+    filenames = {s: tuple(str(f) for f in inputs.manifests.frame(s)["filename"]) for s in SPLITS}
+    return Workload(name, entry, protocol, inputs, filenames)
 
 
 def train_dataset(work: Workload) -> CachedImages:
@@ -162,20 +189,16 @@ def run_pipeline(work: Workload, *, root: Path, tracking_uri: str, num_workers: 
     storage = (root / "ray_results").resolve()
     run_dir = storage / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
+    ray = RaySettings(num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, max_failures=0,
+                      checkpoints_to_keep=1, report_interval_s=report_interval_s, loader_workers=loader_workers,
+                      storage_path=str(storage))
     spec = WorkerSpec(
-        task=TASK, backbone_name=work.name, backbone=work.entry, protocol=work.protocol, classes=work.classes,
-        seed=0, img_size=work.img_size, mean=work.mean, std=work.std, cache_files=work.cache_files,
-        filenames=work.filenames, run_dir=str(run_dir), tracking_uri=tracking_uri, mlflow_run_id=run_id,
-        system_metrics=system_metrics, log_model=log_model, use_gpu=use_gpu, loader_workers=loader_workers,
-        local_mode=num_workers == 0)
-    deterministic = torch.are_deterministic_algorithms_enabled()  # local mode sets it in this process
+        task=TASK, backbone_name=work.name, backbone=work.entry, protocol=work.protocol, kind=work.kind, seed=0,
+        img_size=work.img_size, input_spec=work.inputs.spec, cache_files=work.cache_files, filenames=work.filenames,
+        run_dir=str(run_dir), ray=ray, tracking=TrackingSettings(system_metrics=system_metrics, log_model=log_model),
+        tracking_uri=tracking_uri, mlflow_run_id=run_id)
     started = time.perf_counter()
-    try:
-        final = fit_on_ray(spec, run_name=run_name, storage_path=str(storage), num_workers=num_workers,
-                           use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, max_failures=0, checkpoints_to_keep=1,
-                           report_interval_s=report_interval_s)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
+    final = fit_on_ray(spec, run_name=run_name, storage_path=str(storage))
     wall = time.perf_counter() - started
     history = final["history"]
     # the global batch: each step of N workers takes batch_size images in all
@@ -247,10 +270,9 @@ def run_engine(work: Workload, *, threads: int, epochs: int) -> EngineRun:
     figure, it splits the gap into the engine's loop code and running it in a Ray Train worker.
     """
     torch.set_num_threads(threads)
-    p = dataclasses.replace(work.protocol, max_epochs=epochs, early_stop_patience=epochs + 1)
+    p = work.protocol.model_copy(update={"max_epochs": epochs, "early_stop_patience": epochs + 1})
     loop.seed_everything(0)
-    model = build_classifier(work.entry, num_classes=len(work.classes), img_size=work.img_size,
-                             dropout=p.head_dropout)
+    model = build_model(work.entry, img_size=work.img_size, head=lambda n: work.kind.head(n, p))
     val_set = CachedImages(work.cache_files["val"], img_size=work.img_size, mean=work.mean, std=work.std,
                            train=False)
     val = eval_loader(val_set, batch_size=p.eval_batch_size)
@@ -258,7 +280,7 @@ def run_engine(work: Workload, *, threads: int, epochs: int) -> EngineRun:
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         session = loop.fit(model, train_loader=train_loader(train_dataset(work), batch_size=p.batch_size, seed=0),
-                           val_loader=val, protocol=p, num_classes=len(work.classes), seed=0)
+                           val_loader=val, protocol=p, kind=work.kind, seed=0)
         started = time.perf_counter()
         loop.predict(model, val, device=torch.device("cpu"))
         val_seconds = time.perf_counter() - started
@@ -274,8 +296,7 @@ def train_flops_per_image(work: Workload, *, batch: int = 4) -> float:
     """FLOPs of one training step (forward + backward) of the engine's classifier, per image."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build_classifier(work.entry, num_classes=len(work.classes), img_size=work.img_size,
-                             dropout=work.protocol.head_dropout).train()
+    model = build_model(work.entry, img_size=work.img_size, head=lambda n: work.kind.head(n, work.protocol)).train()
     images = torch.randn(batch, 3, work.img_size, work.img_size)
     targets = torch.arange(batch) % len(work.classes)
     counter = FlopCounterMode(display=False)

@@ -6,14 +6,13 @@ from breaking unnoticed between the (long) benchmark runs.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from pathlib import Path
 
 import pytest
 from benchmarks import cpu_account, overhead, training
-from training.conftest import ray_cluster  # noqa: F401  (the fine-tuning tests' local Ray cluster)
+from engine.conftest import ray_cluster  # noqa: F401  (the fine-tuning tests' local Ray cluster)
 
 from transferbench.config import load_settings
 
@@ -22,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _work(tmp_path: Path, *, steps: int = 2) -> training.Workload:
     settings = load_settings(ROOT / "params.yaml")
-    protocol = dataclasses.replace(settings.finetune, mode="full", warmup_iters=0, img_size=32, batch_size=4)
+    protocol = settings.finetune.model_copy(update={"mode": "full", "warmup_iters": 0, "img_size": 32, "batch_size": 4})
     splits = training.write_task(tmp_path, n_train=steps * 4, n_eval=4, side=40, distinct=4)
     return training.prepare("test_resnet", settings.backbone("test_resnet"), protocol, splits_dir=splits,
                             cache_dir=tmp_path / "cache")

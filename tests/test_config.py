@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from transferbench.config import ConfigError, Settings, load_settings
 
@@ -28,7 +30,7 @@ def test_shipped_params_load_into_frozen_settings() -> None:
     settings = load_settings(SHIPPED)
     assert isinstance(settings, Settings)
     assert settings.study.tasks and settings.study.backbones
-    with pytest.raises(AttributeError):
+    with pytest.raises(ValidationError, match="frozen"):
         settings.finetune.lr = 1.0  # type: ignore[misc]
     # Every study entry resolves to a catalogue entry.
     for name in settings.study.backbones:
@@ -126,4 +128,45 @@ def test_ray_storage_path_must_be_a_mounted_path_not_a_uri(tmp_path: Path, raw: 
     assert load_settings(_write(tmp_path, raw)).ray.storage_path == "/mnt/shared/ray_results"
     raw["ray"]["storage_path"] = "s3://bucket/ray_results"
     with pytest.raises(ConfigError, match=r"ray\.storage_path.*'s3://bucket/ray_results' is a URI.*mounts"):
+        load_settings(_write(tmp_path, raw))
+
+
+@pytest.mark.parametrize(("section", "key", "value", "message"), [
+    ("finetune", "max_epochs", True, "expected an integer, got True"),  # a bool is not an int
+    ("finetune", "batch_size", 16.0, "expected an integer, got 16.0"),
+    ("finetune", "lr", "1e-3", "expected a number, got '1e-3'"),  # YAML reads 1e-3 (no dot) as a string
+    ("finetune", "lr", None, "expected a number, got None"),
+    ("finetune", "hflip", 1, "expected true or false, got 1"),
+    ("ray", "num_workers", "2", "expected an integer, got '2'"),
+    ("tracking", "experiment", 7, "expected a string, got 7"),
+    ("study", "seeds", [0, "1"], "study.seeds[1]': expected an integer"),
+])
+def test_wrong_types_are_refused_naming_the_key(tmp_path: Path, raw: dict, section: str, key: str, value,
+                                                message: str) -> None:
+    raw[section][key] = value
+    with pytest.raises(ConfigError, match=re.escape(message)) as exc:
+        load_settings(_write(tmp_path, raw))
+    assert f"params key '{section}.{key}" in str(exc.value)
+
+
+def test_an_integer_is_a_valid_number_and_every_section_is_frozen_pydantic(tmp_path: Path, raw: dict) -> None:
+    raw["finetune"]["lr"] = 1  # YAML's 1 for a float field
+    settings = load_settings(_write(tmp_path, raw))
+    assert settings.finetune.lr == 1.0 and isinstance(settings.finetune.lr, float)
+    for name in Settings.model_fields:
+        section = getattr(settings, name)
+        if hasattr(section, "model_config"):
+            assert section.model_config["frozen"] and section.model_config["extra"] == "forbid", name
+
+
+@pytest.mark.parametrize(("section", "key", "value", "message"), [
+    ("study", "seeds", [], "must list at least one entry"),
+    ("study", "tasks", [], "must list at least one entry"),
+    ("study", "backbones", [], "must list at least one entry"),
+    ("finetune", "max_epochs", 0, "out of range; allowed: >= 1"),
+])
+def test_empty_study_lists_and_zero_epochs_fail_at_load(tmp_path: Path, raw: dict, section: str, key: str, value,
+                                                        message: str) -> None:
+    raw[section][key] = value
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}.*{re.escape(message)}"):
         load_settings(_write(tmp_path, raw))

@@ -1,8 +1,8 @@
 """The ``transferbench`` command line: one thin subcommand per pipeline stage.
 
-Each subcommand parses its arguments, loads ``params.yaml`` through
-``transferbench.config`` and calls one typed function that holds the logic. Stage
-modules are imported lazily so ``transferbench --help`` stays fast.
+Each subcommand parses its arguments, loads ``params.yaml`` through ``transferbench.config``
+and calls its stage module's ``run`` (``transferbench.stages.<stage>``), imported when the
+subcommand runs so that ``transferbench --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from transferbench.config import Settings, load_settings
+from transferbench.config import load_settings
 from transferbench.errors import TransferbenchError
 
 # name -> (one-line help, function that adds arguments, function that runs it)
@@ -48,17 +48,6 @@ def _check_params(args: argparse.Namespace) -> int:
     return 0
 
 
-def _study_results(settings: Settings) -> list:
-    """The study's per-seed fine-tuning results (strictly read; see evaluation.results)."""
-    from transferbench.evaluation.results import read_study_results
-
-    study = settings.study
-    return read_study_results(settings.compare.metrics_dir,
-                              tasks={t: settings.task(t).metric for t in study.tasks},
-                              backbones={b: settings.backbone(b).family for b in study.backbones},
-                              seeds=study.seeds)
-
-
 def _register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary", metavar="FILE",
                         help="where to write the registered versions and aliases (default: <reports>/registry.json)")
@@ -67,28 +56,9 @@ def _register_arguments(parser: argparse.ArgumentParser) -> None:
 @command("register", "register each (task, backbone)'s best checkpoint in the MLflow Model Registry",
          _register_arguments)
 def _register(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
+    from transferbench.stages import register
 
-    import mlflow
-    from mlflow import MlflowClient
-
-    from transferbench.evaluation.registry import current_git_commit, register_study
-    from transferbench.data.atomic import write_text as write_text_atomic
-    from transferbench.training.tracking import resolve_tracking_uri
-    from transferbench.paths import reports_dir
-
-    settings = load_settings(args.params)
-    summary = Path(args.summary or reports_dir(settings.data) / "registry.json")
-    # Set process-wide too: MLflow's registry store resolves logged models through the
-    # default client, which would otherwise open a different (default) store.
-    uri = resolve_tracking_uri(settings.tracking.tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    rows = register_study(MlflowClient(tracking_uri=uri, registry_uri=uri), _study_results(settings),
-                          study=settings.study.name, git_commit=current_git_commit())
-    write_text_atomic(summary, json.dumps(rows, indent=2) + "\n")
-    for row in rows:
+    for row in register.run(load_settings(args.params), summary=args.summary):
         state = "new" if row["created"] else "unchanged"
         print(f"{row['registered_model']} v{row['version']} ({state}): {row['backbone']} seed {row['seed']}"
               + (f" @{', @'.join(row['aliases'])}" if row["aliases"] else ""))
@@ -105,34 +75,21 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
 @command("compare", "rank backbones per task and family (reports/rank_table.*); optionally gate on drift",
          _compare_arguments)
 def _compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from transferbench.evaluation import drift
-    from transferbench.evaluation.ranking import rank_table
-    from transferbench.evaluation.reports import write_rank_reports
-    from transferbench.paths import reports_dir
+    from transferbench.stages import compare
 
     settings = load_settings(args.params)
-    baseline = None
-    if args.baseline is not None:  # read first: a bad baseline fails before any report is written
-        baseline_path = args.baseline or settings.compare.baseline
-        baseline = drift.load_rank_table(baseline_path)
-    study = settings.study
-    table = rank_table(_study_results(settings), study=study.name,
-                       task_metrics={t: settings.task(t).metric for t in study.tasks},
-                       backbones={b: settings.backbone(b) for b in study.backbones}, alpha=settings.compare.alpha)
-    paths = write_rank_reports(table, reports_dir(settings.data))
-    if baseline is None:
+    baseline = None if args.baseline is None else (args.baseline or settings.compare.baseline)
+    result = compare.run(settings, baseline=baseline)
+    if result.drift_report is None:
+        paths = result.paths
         print(f"rank table: {paths['markdown']} (+ .csv, .json, {paths['heatmap'].name}, {paths['cd_diagram'].name})")
         return 0
-    tolerance = settings.compare.metric_tolerance
-    changes = drift.compare_rank_tables(baseline, table, tolerance=tolerance)
-    changes += drift.check_learning_floors(table, settings.compare.learning_floors)
-    report = drift.drift_markdown(changes, baseline=baseline_path, tolerance=tolerance)
-    print(report, end="")
+    print(result.drift_report, end="")
     if args.drift_report:
-        Path(args.drift_report).write_text(report)
-    return 1 if drift.has_drift(changes) else 0
+        from pathlib import Path
+
+        Path(args.drift_report).write_text(result.drift_report)
+    return 1 if result.drift else 0
 
 
 def _task_argument(parser: argparse.ArgumentParser) -> None:
@@ -156,62 +113,43 @@ def _logging() -> None:
 @command("fetch", "materialise raw datasets under data.raw_dir from the mirror or upstream (checksums verified)",
          _datasets_argument)
 def _fetch(args: argparse.Namespace) -> int:
-    from transferbench.data.registry import dataset_root, get_dataset
-    from transferbench.paths import mirror_root
+    from transferbench.stages import fetch
 
-    settings = load_settings(args.params)
-    names = args.datasets or sorted({settings.task(t).dataset for t in settings.study.tasks})
-    for name in names:
-        adapter = get_dataset(name)
-        if adapter.generated:
-            print(f"{name}: generated by `transferbench generate {name}` (a dvc stage), nothing to fetch")
-            continue
-        dest = dataset_root(settings.data, name)
-        adapter.fetch(dest, mirror=mirror_root())
-        print(f"{name}: ok ({dest})")
+    for line in fetch.run(load_settings(args.params), args.datasets):
+        print(line)
     return 0
 
 
-@command("generate", "generate a synthetic dataset under data.generated_dir (deterministic)", _datasets_argument)
-def _generate(args: argparse.Namespace) -> int:
-    from transferbench.data.registry import dataset_root
-    from transferbench.data.synthetic import generate
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", nargs="?", default="synthetic", choices=["synthetic"],
+                        help="the dataset to generate (default: %(default)s)")
 
-    settings = load_settings(args.params)
-    for name in args.datasets or ["synthetic"]:
-        if name != "synthetic":
-            raise TransferbenchError(f"only 'synthetic' is generated, not {name!r}")
-        table = generate(settings.data.synthetic, dataset_root(settings.data, name))
-        print(f"{name}: {len(table)} images in {dataset_root(settings.data, name)}")
+
+@command("generate", "generate the synthetic dataset under data.generated_dir (deterministic; stage "
+         "generate_synthetic)", _generate_arguments)
+def _generate(args: argparse.Namespace) -> int:
+    from transferbench.stages import generate_synthetic
+
+    print(generate_synthetic.run(load_settings(args.params)))
     return 0
 
 
 @command("split", "write a task's train/val/test manifests, summary.json and quarantine.csv", _task_argument)
 def _split(args: argparse.Namespace) -> int:
-    from transferbench.data.splits import split_task
+    from transferbench.stages import split
 
     _logging()
-    settings = load_settings(args.params)
-    summary = split_task(args.task, settings.task(args.task), settings.data)
-    print(f"{args.task}: rows {summary['rows']}, groups {summary['groups']}, "
-          f"excluded {summary['excluded_total']} {summary['excluded']}")
+    print(split.run(load_settings(args.params), args.task))
     return 0
 
 
 @command("validate", "run the great-expectations suites on a task's raw data and splits", _task_argument)
 def _validate(args: argparse.Namespace) -> int:
-    from transferbench.data.validation import validate_task
+    from transferbench.stages import validate
 
     _logging()
-    settings = load_settings(args.params)
-    report = validate_task(args.task, settings.task(args.task), settings.data)
-    print(f"{args.task}: validation passed ({report['checked']} expectations, "
-          f"{len(report['warnings'])} warnings)")
+    print(validate.run(load_settings(args.params), args.task))
     return 0
-
-
-# Test-only: make one Ray worker SIGKILL itself after this epoch (first attempt only).
-KILL_AT_EPOCH_ENV = "TRANSFERBENCH_FAULT_KILL_AT_EPOCH"
 
 
 def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -232,17 +170,14 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
 @command("finetune", "fine-tune one backbone on one task, seed by seed (Ray Train, tracked in MLflow)",
          _finetune_arguments)
 def _finetune(args: argparse.Namespace) -> int:
-    import os
-
-    from transferbench.training.finetune import run_finetune
+    from transferbench.stages import finetune
 
     settings = load_settings(args.params)
-    kill = os.environ.get(KILL_AT_EPOCH_ENV)
-    for seed in args.seeds or settings.study.seeds:
-        result = run_finetune(settings, task=args.task, backbone=args.backbone, seed=seed, num_workers=args.workers,
-                              metrics_dir=args.metrics_dir or settings.compare.metrics_dir, plots_dir=args.plots_dir,
-                              fresh=args.fresh, kill_at_epoch=int(kill) if kill else None)
-        print(f"{args.task}/{args.backbone}/seed{seed} ({result['weights_label']}): "
+    job = finetune.job_for(settings, args.task, args.backbone, num_workers=args.workers)  # bad input fails first
+    for result in finetune.run(settings, task=args.task, backbone=args.backbone, seeds=args.seeds or (),
+                               num_workers=args.workers, metrics_dir=args.metrics_dir, plots_dir=args.plots_dir,
+                               fresh=args.fresh):
+        print(f"{job.task}/{job.backbone_name}/seed{result['seed']} ({result['weights_label']}): "
               f"test {result['metric']} {result['test_score']:.4f}, best epoch {result['best_epoch']}/"
               f"{result['epochs_run']}, mlflow run {result['mlflow_run_id']}", flush=True)
     return 0
@@ -261,21 +196,15 @@ def _sensitivity_arguments(parser: argparse.ArgumentParser) -> None:
 @command("sensitivity", "Optuna study of lr / warm-up for one (task, backbone): trials in MLflow, "
          "<sensitivity.reports_dir>/<task>/studies/<backbone>.json", _sensitivity_arguments)
 def _sensitivity(args: argparse.Namespace) -> int:
-    from transferbench.tuning.report import study_json_path, summarise_study
-    from transferbench.tuning.study import prepare_study, run_workers, work
+    from transferbench.stages import sensitivity
 
-    settings = load_settings(args.params)
-    handle = prepare_study(settings, task=args.task, backbone=args.backbone)
-    if args.worker_only:
-        work(settings, handle, task=args.task, backbone=args.backbone)
-        return 0
-    run_workers(settings, handle, task=args.task, backbone=args.backbone, workers=args.workers,
-                params_path=args.params)
-    summary = summarise_study(settings, handle, task=args.task, backbone=args.backbone)
-    imp = summary["importances"]
-    print(f"{handle.name}: {summary['counts']} ; fixed choice {summary['metric']} {summary['fixed_score']}, "
-          f"best {summary['spread']['best']} ; fANOVA " + ", ".join(f"{k} {v:.2f}" for k, v in imp["fanova"].items())
-          + f" ; {study_json_path(settings, args.task, args.backbone)}")
+    summary = sensitivity.run(load_settings(args.params), task=args.task, backbone=args.backbone,
+                              workers=args.workers, params_path=args.params, worker_only=args.worker_only)
+    if summary is not None:
+        imp = summary["importances"]
+        print(f"{summary['study']}: {summary['counts']} ; fixed choice {summary['metric']} {summary['fixed_score']}, "
+              f"best {summary['spread']['best']} ; fANOVA "
+              + ", ".join(f"{k} {v:.2f}" for k, v in imp["fanova"].items()) + f" ; {summary['file']}")
     return 0
 
 
@@ -287,10 +216,9 @@ def _sensitivity_report_arguments(parser: argparse.ArgumentParser) -> None:
 @command("sensitivity-report", "aggregate a task's sensitivity studies: importances, curves, rank stability, "
          "best params (and the dvc exp run command that feeds them back)", _sensitivity_report_arguments)
 def _sensitivity_report(args: argparse.Namespace) -> int:
-    from transferbench.tuning.report import task_report
+    from transferbench.stages import sensitivity_report
 
-    settings = load_settings(args.params)
-    report = task_report(settings, task=args.task, backbones=args.backbones)
+    report = sensitivity_report.run(load_settings(args.params), task=args.task, backbones=args.backbones)
     stability = report["summary"]["rank_stability"]
     print(f"{args.task}: family order under the fixed choice {(stability['reference'] or {}).get('family_order')}, "
           f"differs in {stability['flip_fraction']} of {stability['n_configs'] - 1} sampled configurations; "
@@ -311,7 +239,7 @@ def _with_ray_arguments(parser: argparse.ArgumentParser) -> None:
          "fine-tune stage joins that cluster; with ray.address / RAY_ADDRESS set, or ray.num_workers 0 "
          "(local mode), just run it; an interrupt stops the command and the cluster", _with_ray_arguments)
 def _with_ray(args: argparse.Namespace) -> int:
-    from transferbench.cluster import run_with_cluster
+    from transferbench.engine.cluster import run_with_cluster
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
@@ -360,12 +288,11 @@ def entry() -> NoReturn:
     MLflow run as KILLED and stops its threads, and rerunning the command resumes it. The exit
     code is then 128 + the signal's number.
 
-    Tearing down the modules of torch, timm, MLflow and Ray at interpreter exit takes ~2 s on
-    a 2-core machine (a process that imports them: 2.1 s from its last line to its exit, 0.1 s
-    this way), and every DVC stage of the study is one such process. What an exit must still do
-    is done first, in the interpreter's order: non-daemon threads are joined, the atexit
-    handlers run (Ray's disconnect, MLflow's and logging's flushes), stdout and stderr are
-    flushed. An exception from ``main`` takes the normal way out, with its traceback.
+    Tearing down the modules of torch, timm, MLflow and Ray at interpreter exit takes seconds, and
+    every DVC stage of the study is one such process. What an exit must still do is done first, in
+    the interpreter's order: non-daemon threads are joined, the atexit handlers run (Ray's
+    disconnect, MLflow's and logging's flushes), stdout and stderr are flushed. An exception from
+    ``main`` takes the normal way out, with its traceback.
     """
     signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -1,28 +1,24 @@
 """params.yaml -> typed, frozen settings: the one source of truth for the study.
 
-Every section of ``params.yaml`` maps onto one frozen dataclass below. Loading
-rejects unknown keys (with a "did you mean" hint), wrong types and
-out-of-range values, always naming the dotted key at fault and what is allowed,
-so a typo fails at load rather than silently falling back to a default.
-
-Field constraints live in the field metadata (``bounded``/``choice`` below), so
-the allowed values are declared once, next to the field, and reported in the
-error. Cross-field rules (e.g. a range whose low is above its high) live in
-``__post_init__`` and raise ``ConfigError`` with the key names.
+Every section of ``params.yaml`` is a frozen pydantic model (``extra="forbid"``) below, and each
+component is handed its own section (the loop gets ``FinetuneSettings``, the Ray driver
+``RaySettings``, the tracker ``TrackingSettings``). Loading rejects unknown keys (with a "did you
+mean" hint), wrong types (strictly: ``true`` is not an integer, ``"1e-3"`` is not a number) and
+out-of-range values, naming the dotted key at fault and what is allowed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import types
 import typing
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import annotated_types
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from transferbench.errors import TransferbenchError
 
@@ -33,204 +29,103 @@ class ConfigError(TransferbenchError, ValueError):
     """A params.yaml problem; the message names the dotted key at fault."""
 
 
-def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
-            le: float | None = None, lt: float | None = None, **kwargs: Any) -> Any:
-    """A dataclass field whose numeric value must lie in a range (checked at load)."""
-    limits = {name: value for name, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if value is not None}
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: default, metadata={"limits": limits}, **kwargs)
-    return field(default=default, metadata={"limits": limits}, **kwargs)
+# Strict scalars: YAML's true/1/"1" stay what they are, never silently converted.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]  # an integer is a valid float
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+NonNegInt = Annotated[int, Strict(), Field(ge=0)]
+PositiveInt = Annotated[int, Strict(), Field(ge=1)]
+PositiveFloat = Annotated[float, Strict(), Field(gt=0)]
+Fraction = Annotated[float, Strict(), Field(ge=0, le=1)]
 
 
-_LIMIT_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-_LIMIT_CHECK = {
-    "ge": lambda v, b: v >= b,
-    "gt": lambda v, b: v > b,
-    "le": lambda v, b: v <= b,
-    "lt": lambda v, b: v < b,
-}
+def invalid(key: str, message: str) -> PydanticCustomError:
+    """A cross-field rule's failure, for ``key`` (relative to the model that checks it)."""
+    return PydanticCustomError("transferbench", "{message}", {"key": key, "message": message})
 
 
-def _fail(where: str, message: str) -> typing.NoReturn:
-    raise ConfigError(f"params key '{where}': {message}")
+class Section(BaseModel):
+    """A frozen settings section: unknown keys are refused."""
 
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping ({tp.__name__})"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    """Convert a YAML value to the annotated type ``tp``, or fail naming ``where``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _convert(option, value, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        _fail(where, f"expected {' or '.join(_describe(a) for a in args)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            _fail(where, f"{value!r} is not allowed; allowed values: {', '.join(repr(a) for a in args)}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            _fail(where, f"expected a list, got {type(value).__name__} {value!r}")
-        item_type = args[0] if args else Any
-        return tuple(_convert(item_type, item, f"{where}[{i}]") for i, item in enumerate(value))
-    if origin in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            _fail(where, f"expected a mapping, got {type(value).__name__} {value!r}")
-        key_type, item_type = args if args else (str, Any)
-        return types.MappingProxyType(
-            {_convert(key_type, k, where): _convert(item_type, v, f"{where}.{k}") for k, v in value.items()})
-    if tp is bool:
-        if not isinstance(value, bool):
-            _fail(where, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(where, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(where, f"expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            _fail(where, f"expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported settings type {tp!r} at {where}")
-
-
-def _check_limits(value: Any, limits: Mapping[str, float], where: str) -> None:
-    if not limits or value is None:
-        return
-    values = value if isinstance(value, tuple) else (value,)
-    for v in values:
-        for name, bound in limits.items():
-            if not _LIMIT_CHECK[name](v, bound):
-                allowed = " and ".join(f"{_LIMIT_TEXT[n]} {b}" for n, b in limits.items())
-                _fail(where, f"{v!r} is out of range; allowed: {allowed}")
-
-
-def build(cls: type, raw: Any, where: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and bad values."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        _fail(where or cls.__name__, f"expected a mapping, got {type(raw).__name__} {raw!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    prefix = f"{where}." if where else ""
-    for key in raw:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            _fail(f"{prefix}{key}", f"unknown key{hint}; allowed keys: {', '.join(sorted(known))}")
-    kwargs = {}
-    for name, spec in known.items():
-        key = f"{prefix}{name}"
-        if name not in raw:
-            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-                _fail(key, "missing required key")
-            continue
-        value = _convert(hints[name], raw[name], key)
-        _check_limits(value, spec.metadata.get("limits", {}), key)
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        if where and not str(exc).startswith(f"params key '{where}"):
-            raise ConfigError(str(exc).replace("params key '", f"params key '{prefix}", 1)) from None
-        raise
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 # --------------------------------------------------------------------------- study
-@dataclass(frozen=True)
-class StudySettings:
+class StudySettings(Section):
     """Which tasks x backbones x seeds the study runs (PROTOCOL.md: 3 seeds, mean reported)."""
 
-    name: str
-    tasks: tuple[str, ...]
-    backbones: tuple[str, ...]
-    seeds: tuple[int, ...] = bounded((0, 1, 2), ge=0)
+    name: Str
+    tasks: tuple[Str, ...]
+    backbones: tuple[Str, ...]
+    seeds: tuple[NonNegInt, ...] = (0, 1, 2)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _non_empty_and_unique(self) -> StudySettings:
         for key in ("tasks", "backbones", "seeds"):
             items = getattr(self, key)
             if not items:
-                raise ConfigError(f"params key 'study.{key}': must list at least one entry")
+                raise invalid(key, "must list at least one entry")
             if len(set(items)) != len(items):
-                raise ConfigError(f"params key 'study.{key}': entries must be unique, got {list(items)}")
+                raise invalid(key, f"entries must be unique, got {list(items)}")
+        return self
 
 
 # --------------------------------------------------------------------------- data
-@dataclass(frozen=True)
-class SyntheticSettings:
+class SyntheticSettings(Section):
     """The generated dataset for unit tests and the CI smoke study (transferbench.data.synthetic)."""
 
     # One class per shape drawn; every group (a synthetic "individual") draws one class.
-    classes: tuple[str, ...] = ("circle", "square", "triangle")
-    groups: int = bounded(36, ge=3)
-    images_per_group: int = bounded(4, ge=1)
-    image_size: int = bounded(64, ge=16, le=512)
+    classes: tuple[Str, ...] = ("circle", "square", "triangle")
+    groups: Annotated[int, Strict(), Field(ge=3)] = 36
+    images_per_group: PositiveInt = 4
+    image_size: Annotated[int, Strict(), Field(ge=16, le=512)] = 64
     # Draw each class in its own hue (jittered) as well as its own shape: an easy cue, so that
     # random-init tiny models learn the task within a smoke budget (false: random colours).
-    class_hue: bool = False
+    class_hue: Bool = False
     # Free-text locations in the COVID-19 metadata style ("City, Country"); groups cycle through them.
-    locations: tuple[str, ...] = ("Sydney, Australia", "Boston, USA", "Toronto, Canada", "Cairo, Egypt",
+    locations: tuple[Str, ...] = ("Sydney, Australia", "Boston, USA", "Toronto, Canada", "Cairo, Egypt",
                                   "Milan, Italy", "Tokyo, Japan")
-    seed: int = bounded(0, ge=0)
+    seed: NonNegInt = 0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _classes_and_locations(self) -> SyntheticSettings:
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
-            raise ConfigError(f"params key 'classes': need at least two unique class names, got {list(self.classes)}")
+            raise invalid("classes", f"need at least two unique class names, got {list(self.classes)}")
         if not self.locations:
-            raise ConfigError("params key 'locations': must list at least one location")
+            raise invalid("locations", "must list at least one location")
+        return self
 
 
-@dataclass(frozen=True)
-class DataSettings:
+class DataSettings(Section):
     """Where raw data, generated data, split manifests and reports live (all git-ignored paths)."""
 
-    raw_dir: str = "data/raw"
+    raw_dir: Str = "data/raw"
     # Datasets generated by a dvc stage (synthetic); kept outside raw_dir, which data.dvc tracks.
-    generated_dir: str = "data/generated"
-    splits_dir: str = "data/splits"
-    cache_dir: str = "data/cache"
-    reports_dir: str = "reports"
+    generated_dir: Str = "data/generated"
+    splits_dir: Str = "data/splits"
+    cache_dir: Str = "data/cache"
+    reports_dir: Str = "reports"
     # Smallest side (px) an image must have to pass the split checks and validation.
-    min_image_side: int = bounded(32, ge=1)
+    min_image_side: PositiveInt = 32
     # Validation warns (does not fail) when a split has fewer rows than this.
-    min_split_rows: int = bounded(20, ge=0)
+    min_split_rows: NonNegInt = 20
     # Region -> countries, as the country appears last in a free-text location (matched
     # case-insensitively). The geographic split assigns regions, never raw countries.
-    regions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
+    regions: dict[Str, tuple[Str, ...]] = {}
+    synthetic: SyntheticSettings = SyntheticSettings()
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _one_region_per_country(self) -> DataSettings:
         seen: dict[str, str] = {}
         for region, countries in self.regions.items():
             for country in countries:
                 key = country.strip().casefold()
                 if key in seen:
-                    raise ConfigError(f"params key 'regions.{region}': country {country!r} is already listed "
-                                      f"under 'regions.{seen[key]}'; a country belongs to one region")
+                    raise invalid(f"regions.{region}", f"country {country!r} is already listed under "
+                                                       f"'regions.{seen[key]}'; a country belongs to one region")
                 seen[key] = region
+        return self
 
     def region_of(self, country: str) -> str | None:
         """The region a country belongs to, or None when the table does not list it."""
@@ -241,27 +136,25 @@ class DataSettings:
         return None
 
 
-@dataclass(frozen=True)
-class TaskOptions:
+class TaskOptions(Section):
     """Which rows of a dataset a task keeps and how it names their labels."""
 
     # The label vocabulary; a label outside it is quarantined. Empty: whatever labels occur.
-    classes: tuple[str, ...] = ()
+    classes: tuple[Str, ...] = ()
     # Keep only these imaging modalities / views (columns `modality` / `view`); empty keeps all.
-    modalities: tuple[str, ...] = ()
-    views: tuple[str, ...] = ()
+    modalities: tuple[Str, ...] = ()
+    views: tuple[Str, ...] = ()
     # Binary task: label = positive_finding when the dataset label contains it
     # (e.g. "COVID-19, ARDS"), negative_label otherwise. null keeps the dataset's labels.
-    positive_finding: str | None = None
-    negative_label: str = "other"
+    positive_finding: Str | None = None
+    negative_label: Str = "other"
 
 
-@dataclass(frozen=True)
-class GeographicRule:
+class GeographicRule(Section):
     """PROTOCOL.md, COVID-19: train = Australia and America, val = Africa, test = every other location."""
 
-    train_regions: tuple[str, ...] = ("Oceania", "Americas")
-    val_regions: tuple[str, ...] = ("Africa",)
+    train_regions: tuple[Str, ...] = ("Oceania", "Americas")
+    val_regions: tuple[Str, ...] = ("Africa",)
     # "americas": America means the Americas (default). "usa": only the USA counts as
     # America; other countries of the Americas region then go to test.
     america: Literal["americas", "usa"] = "americas"
@@ -269,157 +162,163 @@ class GeographicRule:
     # summary and listed in quarantine.csv) or "test".
     unknown_location: Literal["exclude", "test"] = "exclude"
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _disjoint(self) -> GeographicRule:
         overlap = set(self.train_regions) & set(self.val_regions)
         if overlap:
-            raise ConfigError(f"params key 'val_regions': {sorted(overlap)} also listed in 'train_regions'")
+            raise invalid("val_regions", f"{sorted(overlap)} also listed in 'train_regions'")
+        return self
 
 
-@dataclass(frozen=True)
-class SplitSettings:
+class SplitSettings(Section):
     """How a task is split (PROTOCOL.md, "Tasks and splits"); only the chosen rule's keys are read."""
 
     rule: Literal["geographic", "random", "official", "by_group"]
-    seed: int = bounded(0, ge=0)
+    seed: NonNegInt = 0
     # random (Flower102, Caltech101, WikiArt, NYU): train/val/test fractions of the groups.
-    fractions: tuple[float, ...] = bounded((0.8, 0.1, 0.1), ge=0, le=1)
+    fractions: tuple[Fraction, ...] = (0.8, 0.1, 0.1)
     # official (CUB200, Indoor67): this fraction of the official train groups becomes val.
-    val_fraction: float = bounded(0.1, gt=0, lt=1)
+    val_fraction: Annotated[float, Strict(), Field(gt=0, lt=1)] = 0.1
     # by_group (FG-NET): this many groups (individuals) go to test and to val; the rest train.
-    test_groups: int = bounded(5, ge=1)
-    val_groups: int = bounded(3, ge=1)
-    geographic: GeographicRule = field(default_factory=GeographicRule)
+    test_groups: PositiveInt = 5
+    val_groups: PositiveInt = 3
+    geographic: GeographicRule = GeographicRule()
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitSettings:
         if len(self.fractions) != 3 or abs(sum(self.fractions) - 1.0) > 1e-6:
-            raise ConfigError(f"params key 'fractions': expected three fractions [train, val, test] summing to 1, "
-                              f"got {list(self.fractions)}")
+            raise invalid("fractions", f"expected three fractions [train, val, test] summing to 1, "
+                                       f"got {list(self.fractions)}")
+        return self
 
 
-@dataclass(frozen=True)
-class TaskSettings:
-    """One downstream task: which dataset it reads, which rows it keeps and how it is split."""
+class TaskSettings(Section):
+    """One downstream task: its kind, which dataset it reads, which rows it keeps and how it is split."""
 
-    dataset: str
+    dataset: Str
     split: SplitSettings
-    # Metric used for model selection and ranking; higher is better unless listed in
-    # transferbench.evaluation as lower-is-better (e.g. mae).
-    metric: str = "accuracy"
-    options: TaskOptions = field(default_factory=TaskOptions)
+    # The task kind (transferbench.engine.tasks): what a target is, the head, loss and metrics.
+    kind: Literal["classification"] = "classification"
+    # Metric used for model selection and ranking (one of the task kind's metrics).
+    metric: Str = "accuracy"
+    options: TaskOptions = TaskOptions()
 
 
 # --------------------------------------------------------------------------- models
-@dataclass(frozen=True)
-class TunedHyperparameters:
+TUNED_PARAMETERS = ("lr", "warmup_iters", "warmup_lr")  # what the sensitivity study varies and feeds back
+
+
+class TunedHyperparameters(Section):
     """A backbone's tuned learning rate and warm-up (written by `transferbench sensitivity-report`)."""
 
-    lr: float = bounded(gt=0)
-    warmup_iters: int = bounded(ge=0)
-    warmup_lr: float = bounded(gt=0)
+    lr: PositiveFloat
+    warmup_iters: NonNegInt
+    warmup_lr: PositiveFloat
 
 
-@dataclass(frozen=True)
-class BackboneSettings:
+class BackboneSettings(Section):
     """One entry of the backbone catalogue (PROTOCOL.md, "Backbones")."""
 
-    model: str
+    model: Str
     family: Literal["convnet", "transformer"]
     # hub (timm pretrained weights), file:<path> (local checkpoint) or none (random init).
-    weights: str = "hub"
+    weights: Str = "hub"
     preset: Literal["paper", "small", "tiny"] = "small"
     # Input side in px; null means the protocol's finetune.img_size.
-    img_size: int | None = bounded(None, ge=16)
-    imagenet_top1: float | None = bounded(None, ge=0, le=100)
+    img_size: Annotated[int, Strict(), Field(ge=16)] | None = None
+    imagenet_top1: Annotated[float, Strict(), Field(ge=0, le=100)] | None = None
     # Used instead of finetune.lr/warmup_iters/warmup_lr when finetune.hyperparameters is "tuned".
     tuned: TunedHyperparameters | None = None
 
-    def __post_init__(self) -> None:
-        if self.weights not in ("hub", "none") and not (self.weights.startswith("file:") and len(self.weights) > 5):
-            raise ConfigError(
-                f"params key 'weights': {self.weights!r} is not allowed; allowed values: 'hub', 'none', 'file:<path>'")
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: str) -> str:
+        if value not in ("hub", "none") and not (value.startswith("file:") and len(value) > 5):
+            raise PydanticCustomError("transferbench", "{message}", {"message": f"{value!r} is not allowed; allowed "
+                                                                                 "values: 'hub', 'none', 'file:<path>'"})
+        return value
 
 
 # --------------------------------------------------------------------------- training
-@dataclass(frozen=True)
-class FinetuneSettings:
+class FinetuneSettings(Section):
     """The paper's fine-tuning protocol (PROTOCOL.md); defaults are the paper's values."""
 
     mode: Literal["full", "linear_probe"] = "full"
-    head_dropout: float = bounded(0.2, ge=0, lt=1)
-    adam_betas: tuple[float, ...] = bounded((0.9, 0.999), ge=0, lt=1)
-    weight_decay: float = bounded(1e-6, ge=0)
-    warmup_iters: int = bounded(200, ge=0)
-    warmup_lr: float = bounded(1e-6, gt=0)
-    lr: float = bounded(1e-4, gt=0)
-    plateau_patience: int = bounded(3, ge=0)
-    plateau_factor: float = bounded(0.5, gt=0, lt=1)
-    early_stop_patience: int = bounded(10, ge=1)
-    max_epochs: int = bounded(100, ge=1)
-    label_smoothing: float = bounded(0.1, ge=0, lt=1)
-    rotation_degrees: float = bounded(30.0, ge=0, le=180)
-    hflip: bool = True
-    img_size: int = bounded(224, ge=16)
+    head_dropout: Annotated[float, Strict(), Field(ge=0, lt=1)] = 0.2
+    adam_betas: tuple[Annotated[float, Strict(), Field(ge=0, lt=1)], ...] = (0.9, 0.999)
+    weight_decay: Annotated[float, Strict(), Field(ge=0)] = 1e-6
+    warmup_iters: NonNegInt = 200
+    warmup_lr: PositiveFloat = 1e-6
+    lr: PositiveFloat = 1e-4
+    plateau_patience: NonNegInt = 3
+    plateau_factor: Annotated[float, Strict(), Field(gt=0, lt=1)] = 0.5
+    early_stop_patience: PositiveInt = 10
+    max_epochs: PositiveInt = 100
+    label_smoothing: Annotated[float, Strict(), Field(ge=0, lt=1)] = 0.1
+    rotation_degrees: Annotated[float, Strict(), Field(ge=0, le=180)] = 30.0
+    hflip: Bool = True
+    img_size: Annotated[int, Strict(), Field(ge=16)] = 224
     # The global batch: with N Ray Train workers each takes batch_size // N.
-    batch_size: int = bounded(32, ge=1)
+    batch_size: PositiveInt = 32
     # Batch size for val/test inference (no gradients, so it can be larger).
-    eval_batch_size: int = bounded(64, ge=1)
+    eval_batch_size: PositiveInt = 64
     # paper: lr/warmup_iters/warmup_lr above for every backbone. tuned: each backbone's
     # backbones.<b>.tuned (from the sensitivity study); runs are tagged with which was used.
     hyperparameters: Literal["paper", "tuned"] = "paper"
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _betas(self) -> FinetuneSettings:
         if len(self.adam_betas) != 2:
-            raise ConfigError(f"params key 'adam_betas': expected two values [beta1, beta2], got {list(self.adam_betas)}")
+            raise invalid("adam_betas", f"expected two values [beta1, beta2], got {list(self.adam_betas)}")
+        return self
 
 
-@dataclass(frozen=True)
-class RaySettings:
+class RaySettings(Section):
     """Ray cluster and Ray Train scaling; only these change between a laptop and a cluster."""
 
     # null: start a local cluster (or honour RAY_ADDRESS); otherwise e.g. "ray://host:10001" or "auto".
     # Not read in local mode (num_workers 0), which starts or joins no cluster.
-    address: str | None = None
+    address: Str | None = None
     # 0: Ray Train local mode, the training function in the calling process (no cluster, no
     # actors, no DDP); >= 1: that many Ray Train worker actors (DDP across them).
-    num_workers: int = bounded(0, ge=0)
+    num_workers: NonNegInt = 0
     # Elastic training: null = exactly num_workers; otherwise Ray Train runs with between
     # min_workers and num_workers workers, so a run that loses a node goes on with fewer.
-    min_workers: int | None = bounded(None, ge=1)
+    min_workers: PositiveInt | None = None
     # Placement group strategy of the workers: PACK fills a node first, SPREAD prefers
     # different nodes, STRICT_* insist (Ray's placement-group strategies).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    use_gpu: bool = False
-    cpus_per_worker: float = bounded(1.0, gt=0)
-    max_failures: int = bounded(2, ge=-1)
+    use_gpu: Bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    max_failures: Annotated[int, Strict(), Field(ge=-1)] = 2
     # Where Ray Train keeps checkpoints: a path every node of a cluster mounts (not an s3:// URI).
-    storage_path: str = "data/ray_results"
+    storage_path: Str = "data/ray_results"
     # Checkpoints kept by val loss (the latest one is always kept too, for recovery).
-    checkpoints_to_keep: int = bounded(1, ge=1)
+    checkpoints_to_keep: PositiveInt = 1
     # Seconds between the Ray Train controller's polls of its workers (Ray's
     # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2). ray.train.report waits for the previous
     # epoch's report to be collected, so epochs shorter than this wait for the poll.
-    report_interval_s: float = bounded(0.2, gt=0)
+    report_interval_s: PositiveFloat = 0.2
     # On GPU only: bf16 autocast, and channels-last memory format for ConvNets.
-    mixed_precision: bool = True
-    channels_last: bool = True
-    # DataLoader processes per Ray worker (the train and the val loader each get this many, kept for
-    # the run), decoding nothing (the cache is decoded once) but cropping, rotating, flipping and
-    # normalising every image. 0: in the training process, right on CPU, where the step already uses
-    # the worker's cores. On GPU augmentation must keep up with the step: on an H100 one process made
-    # 633-702 img/s for steps that take 838-1060 (ResNet-50, ViT-B/16); give it cpus_per_worker - 1.
-    loader_workers: int = bounded(0, ge=0)
+    mixed_precision: Bool = True
+    channels_last: Bool = True
+    # DataLoader processes per training process for the augmentation (kept for the run). 0: in the
+    # training process, right on CPU, where the step already uses the cores; on GPU augmentation
+    # must keep up with the step: give it about cpus_per_worker - 1 (benchmarks/README.md).
+    loader_workers: NonNegInt = 0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _workers_and_storage(self) -> RaySettings:
         if self.local_mode and self.min_workers is not None:
-            raise ConfigError("params key 'ray.min_workers': elastic training needs Ray Train workers; "
-                              "it must be null when ray.num_workers is 0 (local mode)")
+            raise invalid("min_workers", "elastic training needs Ray Train workers; it must be null when "
+                                         "ray.num_workers is 0 (local mode)")
         if self.min_workers is not None and self.min_workers > self.num_workers:
-            raise ConfigError(f"params key 'ray.min_workers': {self.min_workers} is more than "
-                              f"ray.num_workers ({self.num_workers})")
+            raise invalid("min_workers", f"{self.min_workers} is more than ray.num_workers ({self.num_workers})")
         if "://" in self.storage_path:  # Path() would make "s3://b/x" a local directory named "s3:"
-            raise ConfigError(f"params key 'ray.storage_path': {self.storage_path!r} is a URI; transferbench keeps "
-                              "each run's completion marker and MLflow run id beside its checkpoints, so it needs "
-                              "a path that every node mounts (NFS, EFS, a local disk on one machine)")
+            raise invalid("storage_path", f"{self.storage_path!r} is a URI; transferbench keeps each run's "
+                                          "completion marker and MLflow run id beside its checkpoints, so it needs "
+                                          "a path that every node mounts (NFS, EFS, a local disk on one machine)")
+        return self
 
     @property
     def local_mode(self) -> bool:
@@ -434,162 +333,162 @@ class RaySettings:
         return (self.min_workers, self.num_workers)
 
 
-@dataclass(frozen=True)
-class TrackingSettings:
+class TrackingSettings(Section):
     """MLflow: the embedded SQLite store unless MLFLOW_TRACKING_URI says otherwise."""
 
-    tracking_uri: str = "sqlite:///mlruns.db"
-    artifact_location: str = "mlartifacts"
-    experiment: str = "transferbench"
+    tracking_uri: Str = "sqlite:///mlruns.db"
+    artifact_location: Str = "mlartifacts"
+    experiment: Str = "transferbench"
     # CPU/GPU/memory metrics of the rank-0 worker, sampled while it trains.
-    system_metrics: bool = True
+    system_metrics: Bool = True
     # Log the best model with mlflow.pytorch (signature + input example).
-    log_model: bool = True
+    log_model: Bool = True
 
 
 # --------------------------------------------------------------------------- evaluation
-@dataclass(frozen=True)
-class CompareSettings:
+class CompareSettings(Section):
     """Rank tables, significance analysis and the drift gate (PROTOCOL.md, "What the results look like")."""
 
     # One metrics JSON per (task, backbone, seed): <metrics_dir>/<task>/<backbone>/seed<S>.json.
-    metrics_dir: str = "metrics/finetune"
+    metrics_dir: Str = "metrics/finetune"
     # The committed rank table that `transferbench compare --baseline` checks against.
-    baseline: str = "baselines/smoke_rank_table.json"
+    baseline: Str = "baselines/smoke_rank_table.json"
     # Drift gate: a per-task mean metric that moves by more than this (absolute, in the
     # metric's own units) AND by more than the seeds' spread is drift. Rank changes always are.
-    metric_tolerance: float = bounded(0.05, ge=0)
+    metric_tolerance: Annotated[float, Strict(), Field(ge=0)] = 0.05
     # Friedman / Nemenyi significance level.
-    alpha: float = bounded(0.05, gt=0, lt=1)
+    alpha: Annotated[float, Strict(), Field(gt=0, lt=1)] = 0.05
     # Learning floors of the drift gate: task -> the score the best backbone of EVERY family must
     # reach on it (at most, for lower-is-better metrics), so a study that stopped learning fails the
     # gate by name instead of showing only as rank "drift". Empty: no floor.
-    learning_floors: Mapping[str, float] = field(default_factory=dict)
+    learning_floors: dict[Str, Float] = {}
 
 
 # --------------------------------------------------------------------------- tuning
-@dataclass(frozen=True)
-class FloatRange:
+class FloatRange(Section):
     """A search range; ``log`` samples log-uniformly (both bounds must then be > 0)."""
 
-    low: float
-    high: float
-    log: bool = False
+    low: Float
+    high: Float
+    log: Bool = False
 
 
-@dataclass(frozen=True)
-class IntRange:
-    low: int = bounded(ge=0)
-    high: int = bounded(ge=0)
+class IntRange(Section):
+    low: NonNegInt
+    high: NonNegInt
 
 
-@dataclass(frozen=True)
-class SearchSpace:
-    """What the sensitivity study varies; every other protocol value stays fixed."""
+class SearchSpace(Section):
+    """What the sensitivity study varies (``TUNED_PARAMETERS``); every other protocol value stays fixed."""
 
-    lr: FloatRange = field(default_factory=lambda: FloatRange(1e-6, 1e-2, log=True))
-    warmup_iters: IntRange = field(default_factory=lambda: IntRange(0, 3000))
-    warmup_lr: FloatRange = field(default_factory=lambda: FloatRange(1e-8, 1e-4, log=True))
+    lr: FloatRange = FloatRange(low=1e-6, high=1e-2, log=True)
+    warmup_iters: IntRange = IntRange(low=0, high=3000)
+    warmup_lr: FloatRange = FloatRange(low=1e-8, high=1e-4, log=True)
 
-    def __post_init__(self) -> None:
-        for key in ("lr", "warmup_iters", "warmup_lr"):
+    @model_validator(mode="after")
+    def _ranges(self) -> SearchSpace:
+        for key in TUNED_PARAMETERS:
             space = getattr(self, key)
             if space.low > space.high:
-                raise ConfigError(f"params key '{key}': low {space.low!r} > high {space.high!r}")
+                raise invalid(key, f"low {space.low!r} > high {space.high!r}")
         for key in ("lr", "warmup_lr"):
             space = getattr(self, key)
             if space.low <= 0:
                 scale = "on a log scale" if space.log else "for a learning rate"
-                raise ConfigError(f"params key '{key}': low {space.low!r} must be > 0 {scale}")
+                raise invalid(key, f"low {space.low!r} must be > 0 {scale}")
+        return self
 
 
-@dataclass(frozen=True)
-class PrunerSettings:
+class PrunerSettings(Section):
     """Stops hopeless trials from the val metric reported every epoch."""
 
     kind: Literal["median", "hyperband", "none"] = "median"
     # median: prune below the median of earlier trials at the same epoch, once this many
     # trials finished and after this many epochs of the trial.
-    n_startup_trials: int = bounded(4, ge=0)
-    n_warmup_steps: int = bounded(1, ge=0)
+    n_startup_trials: NonNegInt = 4
+    n_warmup_steps: NonNegInt = 1
     # hyperband: resources are epochs (max: sensitivity.max_epochs).
-    min_resource: int = bounded(1, ge=1)
-    reduction_factor: int = bounded(3, ge=2)
+    min_resource: PositiveInt = 1
+    reduction_factor: Annotated[int, Strict(), Field(ge=2)] = 3
 
 
-@dataclass(frozen=True)
-class SensitivitySettings:
+class SensitivitySettings(Section):
     """How much do lr and warm-up choices move the ranking? (PROTOCOL.md, "Sensitivity"; Optuna)."""
 
     # The tasks x backbones the dvc stage fans out over.
-    tasks: tuple[str, ...] = ()
-    backbones: tuple[str, ...] = ()
+    tasks: tuple[Str, ...] = ()
+    backbones: tuple[Str, ...] = ()
     # Finished (complete or pruned) trials per (task, backbone); trial 0 is the fixed protocol choice.
-    n_trials: int = bounded(12, ge=2)
+    n_trials: Annotated[int, Strict(), Field(ge=2)] = 12
     # Per-trial budget; every other protocol value is finetune's.
-    max_epochs: int = bounded(6, ge=1)
-    # qmc (scrambled Sobol): trial i has the same configuration for every backbone. tpe | random.
+    max_epochs: PositiveInt = 6
+    # qmc (scrambled Sobol: trial i = same config for every backbone) | tpe | random.
     sampler: Literal["qmc", "tpe", "random"] = "qmc"
     # Seeds the sampler, the model initialisation and the data order of every trial.
-    seed: int = bounded(0, ge=0)
-    pruner: PrunerSettings = field(default_factory=PrunerSettings)
+    seed: NonNegInt = 0
+    pruner: PrunerSettings = PrunerSettings()
     # Optuna storage: any SQLAlchemy URL (shared study) or the embedded SQLite file; $OPTUNA_STORAGE overrides.
-    storage: str = "sqlite:///data/optuna/sensitivity.db"
+    storage: Str = "sqlite:///data/optuna/sensitivity.db"
     # A worker that has not sent a heartbeat for grace_period seconds is dead: its trial is retried.
-    heartbeat_interval: int = bounded(10, ge=1)
-    grace_period: int = bounded(60, ge=2)
+    heartbeat_interval: PositiveInt = 10
+    grace_period: Annotated[int, Strict(), Field(ge=2)] = 60
     # PED-ANOVA: importance for reaching the top this fraction of trials.
-    ped_anova_quantile: float = bounded(0.25, gt=0, lt=1)
-    reports_dir: str = "reports/sensitivity"
-    space: SearchSpace = field(default_factory=SearchSpace)
+    ped_anova_quantile: Annotated[float, Strict(), Field(gt=0, lt=1)] = 0.25
+    reports_dir: Str = "reports/sensitivity"
+    space: SearchSpace = SearchSpace()
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _unique_and_grace(self) -> SensitivitySettings:
         for key in ("tasks", "backbones"):
             items = getattr(self, key)
             if len(set(items)) != len(items):
-                raise ConfigError(f"params key '{key}': entries must be unique, got {list(items)}")
+                raise invalid(key, f"entries must be unique, got {list(items)}")
         if self.grace_period <= self.heartbeat_interval:
-            raise ConfigError(f"params key 'grace_period': {self.grace_period} must exceed heartbeat_interval "
-                              f"{self.heartbeat_interval}")
+            raise invalid("grace_period", f"{self.grace_period} must exceed heartbeat_interval "
+                                          f"{self.heartbeat_interval}")
+        return self
 
 
 # --------------------------------------------------------------------------- root
-@dataclass(frozen=True)
-class Settings:
+class Settings(Section):
     """The whole params.yaml."""
 
     study: StudySettings
-    data: DataSettings = field(default_factory=DataSettings)
-    tasks: Mapping[str, TaskSettings] = field(default_factory=dict)
-    backbones: Mapping[str, BackboneSettings] = field(default_factory=dict)
-    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
-    ray: RaySettings = field(default_factory=RaySettings)
-    tracking: TrackingSettings = field(default_factory=TrackingSettings)
-    compare: CompareSettings = field(default_factory=CompareSettings)
-    sensitivity: SensitivitySettings = field(default_factory=SensitivitySettings)
+    data: DataSettings = DataSettings()
+    tasks: dict[Str, TaskSettings] = {}
+    backbones: dict[Str, BackboneSettings] = {}
+    finetune: FinetuneSettings = FinetuneSettings()
+    ray: RaySettings = RaySettings()
+    tracking: TrackingSettings = TrackingSettings()
+    compare: CompareSettings = CompareSettings()
+    sensitivity: SensitivitySettings = SensitivitySettings()
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
         for section in ("study", "sensitivity"):
             for key, catalogue in (("tasks", self.tasks), ("backbones", self.backbones)):
                 for name in getattr(getattr(self, section), key):
                     if name not in catalogue:
-                        raise ConfigError(
-                            f"params key '{section}.{key}': {name!r} is not defined under '{key}'; "
-                            f"allowed values: {', '.join(sorted(catalogue))}")
+                        raise invalid(f"{section}.{key}", f"{name!r} is not defined under '{key}'; allowed values: "
+                                                          f"{', '.join(sorted(catalogue))}")
         for name in self.compare.learning_floors:
             if name not in self.tasks:
-                raise ConfigError(f"params key 'compare.learning_floors.{name}': {name!r} is not defined under "
-                                  f"'tasks'; allowed values: {', '.join(sorted(self.tasks))}")
+                raise invalid(f"compare.learning_floors.{name}", f"{name!r} is not defined under 'tasks'; "
+                                                                 f"allowed values: {', '.join(sorted(self.tasks))}")
         if self.finetune.hyperparameters == "tuned":
             for name in self.study.backbones:
-                self.finetune_for(name)
+                if self.backbones[name].tuned is None:
+                    raise invalid(f"backbones.{name}.tuned", "missing, but finetune.hyperparameters is 'tuned'; "
+                                  "set it from reports/sensitivity/<task>/best_params.json "
+                                  "(`transferbench sensitivity-report`)")
         for name, task in self.tasks.items():
             rule = task.split.geographic
             for key in ("train_regions", "val_regions"):
                 unknown = [r for r in getattr(rule, key) if r not in self.data.regions]
                 if task.split.rule == "geographic" and unknown:
-                    raise ConfigError(f"params key 'tasks.{name}.split.geographic.{key}': {unknown} not defined "
-                                      f"under 'data.regions'; allowed values: {', '.join(self.data.regions)}")
+                    raise invalid(f"tasks.{name}.split.geographic.{key}", f"{unknown} not defined under "
+                                  f"'data.regions'; allowed values: {', '.join(self.data.regions)}")
+        return self
 
     def task(self, name: str) -> TaskSettings:
         if name not in self.tasks:
@@ -601,6 +500,13 @@ class Settings:
             raise ConfigError(f"unknown backbone {name!r}; defined backbones: {', '.join(sorted(self.backbones))}")
         return self.backbones[name]
 
+    def presets(self) -> dict[str, tuple[str, ...]]:
+        """Preset name -> backbone names, in catalogue order (what tests and benchmarks iterate)."""
+        out: dict[str, list[str]] = {}
+        for name, entry in self.backbones.items():
+            out.setdefault(entry.preset, []).append(name)
+        return {k: tuple(v) for k, v in out.items()}
+
     def finetune_for(self, backbone: str) -> FinetuneSettings:
         """The protocol ``backbone`` trains with: finetune's, or its tuned lr and warm-up."""
         protocol = self.finetune
@@ -608,10 +514,111 @@ class Settings:
             return protocol
         tuned = self.backbone(backbone).tuned
         if tuned is None:
-            raise ConfigError(
-                f"params key 'backbones.{backbone}.tuned': missing, but finetune.hyperparameters is 'tuned'; "
-                f"set it from reports/sensitivity/<task>/best_params.json (`transferbench sensitivity-report`)")
-        return dataclasses.replace(protocol, lr=tuned.lr, warmup_iters=tuned.warmup_iters, warmup_lr=tuned.warmup_lr)
+            raise ConfigError(f"params key 'backbones.{backbone}.tuned': missing, but finetune.hyperparameters is "
+                              "'tuned'; set it from reports/sensitivity/<task>/best_params.json "
+                              "(`transferbench sensitivity-report`)")
+        return protocol.model_copy(update=tuned.model_dump())
+
+
+# --------------------------------------------------------------------------- loading
+_TYPE_TEXT = {"int_type": "expected an integer", "int_from_float": "expected an integer",
+              "float_type": "expected a number", "bool_type": "expected true or false",
+              "string_type": "expected a string", "dict_type": "expected a mapping", "model_type": "expected a mapping",
+              "tuple_type": "expected a list", "list_type": "expected a list"}
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _base(annotation: Any) -> Any:
+    """``annotation`` without Optional and Annotated wrappers (the first non-None member of a union)."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        else:
+            return annotation
+
+
+def _field_at(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, Any]:
+    """Follow ``loc`` from ``Settings``: (the model owning its last key, that key's field or item annotation).
+
+    A key the model does not have gives (that model, None): where an unknown key was found.
+    """
+    current: Any = Settings
+    owner, field = None, None
+    for part in loc:
+        base = _base(current)
+        if isinstance(base, type) and issubclass(base, BaseModel) and isinstance(part, str):
+            if part not in base.model_fields:
+                return base, None
+            owner, field = base, base.model_fields[part]
+            current = field.annotation
+        elif typing.get_origin(base) in (dict, tuple):  # a mapping key or a list index: its item type
+            field = current = typing.get_args(base)[-1 if typing.get_origin(base) is dict else 0]
+        else:
+            return owner, field
+    return owner, field
+
+
+def _bounds(annotation: Any) -> dict[str, Any]:
+    """The ge/gt/le/lt bounds declared on a field (or a tuple's items)."""
+    found: dict[str, Any] = {}
+    stack = [annotation]
+    while stack:
+        item = stack.pop()
+        if item is None:
+            continue
+        for meta in getattr(item, "metadata", ()) or ():
+            for name in _BOUND_TEXT:
+                if isinstance(meta, getattr(annotated_types, name.capitalize())):
+                    found[name] = getattr(meta, name)
+            stack.append(meta)
+        if hasattr(item, "annotation"):
+            stack.append(item.annotation)
+        stack += [a for a in typing.get_args(item) if not isinstance(a, (str, int, float))]
+    return found
+
+
+def _key(loc: tuple[Any, ...]) -> str:
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key
+
+
+def _message(error: dict[str, Any]) -> str:
+    loc, kind, value = tuple(error["loc"]), error["type"], error.get("input")
+    if kind == "transferbench":
+        relative = error["ctx"].get("key")
+        return f"params key '{_key(loc + tuple(relative.split('.')) if relative else loc)}': {error['ctx']['message']}"
+    where = f"params key '{_key(loc)}'" if loc else "params file"
+    if kind == "extra_forbidden":
+        owner, _ = _field_at(loc)
+        allowed = sorted(owner.model_fields) if owner is not None else []
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{where}: unknown key{hint}; allowed keys: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{where}: missing required key"
+    if kind == "literal_error":
+        return f"{where}: {value!r} is not allowed; allowed values: {error['ctx']['expected'].replace(' or ', ', ')}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        _, field = _field_at(loc)
+        bounds = _bounds(field) or {k: v for k, v in error["ctx"].items() if k in _BOUND_TEXT}
+        allowed = " and ".join(f"{_BOUND_TEXT[n]} {bounds[n]}" for n in _BOUND_TEXT if n in bounds)
+        return f"{where}: {value!r} is out of range; allowed: {allowed}"
+    if kind in _TYPE_TEXT:
+        return f"{where}: {_TYPE_TEXT[kind]}, got {value!r}"
+    return f"{where}: {error['msg']} (got {value!r})"
+
+
+def build(cls: type[Section], raw: Any) -> Any:
+    """Validate ``raw`` (a params mapping, or one section of it) into ``cls``; ``ConfigError`` names the key."""
+    try:
+        return cls.model_validate({} if raw is None else raw)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_message(e) for e in exc.errors())) from None
 
 
 def load_settings(path: str | Path = DEFAULT_PARAMS) -> Settings:

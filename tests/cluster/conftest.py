@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from transferbench.cluster import RayCluster
+from transferbench.engine.cluster import RayCluster
 
 from .services import MlflowServer, Postgres, postgres_bindir
 

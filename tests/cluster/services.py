@@ -1,6 +1,6 @@
 """Real services for the scale-out tests, started and stopped by the tests themselves.
 
-(The multi-node Ray cluster is ``transferbench.cluster.RayCluster``, which ``transferbench
+(The multi-node Ray cluster is ``transferbench.engine.cluster.RayCluster``, which ``transferbench
 with-ray`` also uses.)
 
 - ``Postgres``: a throw-away PostgreSQL server (Debian's ``postgresql`` package: ``initdb`` +
@@ -24,7 +24,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from transferbench.cluster import BIN, free_port, stop_group, wait_until
+from transferbench.engine.cluster import BIN, free_port, stop_group, wait_until
 
 
 # --------------------------------------------------------------------------- PostgreSQL

@@ -24,9 +24,9 @@ import psutil
 import pytest
 import yaml
 
-from training.conftest import toy_params, toy_splits  # noqa: F401 -- the session fixture
+from engine.conftest import toy_params, toy_splits  # noqa: F401 -- the session fixture
 
-from transferbench.training.tracking import KIND_TAG
+from transferbench.engine.tracking import KIND_TAG
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def _repo(root: Path, splits: Path, num_workers: int) -> tuple[Path, dict]:
                  [str(BIN / "dvc"), "config", "core.analytics", "false"]):
         subprocess.run(args, cwd=root, env=env, check=True)
     params = toy_params(splits, ray={"num_workers": num_workers, "storage_path": str(root / "ray_results")},
-                        finetune={"max_epochs": 40, "early_stop_patience": 50},
+                        finetune={"max_epochs": 16, "early_stop_patience": 50},
                         tracking={"tracking_uri": f"sqlite:///{root / 'mlruns.db'}",
                                   "artifact_location": str(root / "mlartifacts"), "system_metrics": True})
     (root / "params.yaml").write_text(yaml.safe_dump(params))

@@ -11,7 +11,7 @@ import pytest
 
 from transferbench.data.splits import split_task
 from transferbench.errors import DataError
-from transferbench.paths import split_dir
+from transferbench.data.layout import split_dir
 
 
 def _root(settings) -> Path:
@@ -108,7 +108,7 @@ def test_missing_column_and_missing_dataset_are_clear(synthetic):
 
 
 def test_atomic_directory_keeps_old_content_when_writing_fails(tmp_path):
-    from transferbench.data.atomic import atomic_directory
+    from transferbench.atomic import atomic_directory
     target = tmp_path / "task"
     target.mkdir()
     (target / "train.csv").write_text("old")

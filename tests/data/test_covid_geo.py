@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pandas as pd
 from transferbench.config import GeographicRule
 from transferbench.data.registry import get_dataset
 from transferbench.data.splits import split_task
-from transferbench.paths import manifest_path, split_dir
+from transferbench.data.layout import manifest_path, split_dir
 
 AMERICAS_NOT_USA = {"Canada", "Guatemala", "Colombia", "Brazil", "Argentina"}
 
@@ -62,8 +61,8 @@ def test_geographic_split_on_the_mirror(covid):
 
 def test_usa_only_switch_moves_the_rest_of_the_americas_to_test(covid):
     task = covid.task("covid_geo")
-    rule = dataclasses.replace(task.split.geographic, america="usa")
-    task = dataclasses.replace(task, split=dataclasses.replace(task.split, geographic=rule))
+    rule = task.split.geographic.model_copy(update={"america": "usa"})
+    task = task.model_copy(update={"split": task.split.model_copy(update={"geographic": rule})})
     split_task("covid_geo", task, covid.data)
     frames = _read(covid)
     assert set(frames["train"].loc[frames["train"]["region"] == "Americas", "country"]) == {"USA"}
@@ -73,7 +72,7 @@ def test_usa_only_switch_moves_the_rest_of_the_americas_to_test(covid):
 def test_unknown_location_can_go_to_test(covid):
     task = covid.task("covid_geo")
     rule = GeographicRule(unknown_location="test")
-    task = dataclasses.replace(task, split=dataclasses.replace(task.split, geographic=rule))
+    task = task.model_copy(update={"split": task.split.model_copy(update={"geographic": rule})})
     summary = split_task("covid_geo", task, covid.data)
     assert "no_location" not in summary["excluded"]
     assert (_read(covid)["test"]["region"] == "").any()

@@ -3,7 +3,6 @@ and the first-image resolution of a patient whose images span two regions."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pandas as pd
@@ -12,12 +11,12 @@ import pytest
 from transferbench.config import SplitSettings
 from transferbench.data.splits import SPLIT_RULES, split_task
 from transferbench.data.synthetic import generate
-from transferbench.paths import manifest_path, split_dir
+from transferbench.data.layout import manifest_path, split_dir
 
 
 def _task(settings, **split):
     task = settings.task("synthetic")
-    return dataclasses.replace(task, split=dataclasses.replace(task.split, **split))
+    return task.model_copy(update={"split": task.split.model_copy(update=split)})
 
 
 def _frames(settings, name="synthetic"):
@@ -104,11 +103,13 @@ def test_summary_has_the_training_contract(synthetic):
 
 
 def test_an_image_changed_under_its_name_changes_the_manifests_so_cache_and_data_version_follow(synthetic):
-    from transferbench.training.data import build_cache, read_manifests
+    from transferbench.engine.data import build_cache, read_manifests
+    from transferbench.engine.tasks import kind_for_task
 
     split_task("synthetic", synthetic.task("synthetic"), synthetic.data)
     before = read_manifests(synthetic.data.splits_dir, "synthetic")
-    cache = build_cache(before, "train", side=40, cache_dir=synthetic.data.cache_dir)
+    kind = kind_for_task(synthetic.task("synthetic"), before.summary)
+    cache = build_cache(before, "train", kind=kind, side=40, cache_dir=synthetic.data.cache_dir)
     version = before.data_version()
     victim, donor = before.frame("train")["filename"].iloc[:2]
     Path(victim).write_bytes(Path(donor).read_bytes())  # same name, same size, another picture
@@ -117,4 +118,4 @@ def test_an_image_changed_under_its_name_changes_the_manifests_so_cache_and_data
     assert after.frame("train").set_index("filename").at[victim, "md5"] == \
         after.frame("train").set_index("filename").at[donor, "md5"]
     assert after.data_version() != version
-    assert build_cache(after, "train", side=40, cache_dir=synthetic.data.cache_dir) != cache
+    assert build_cache(after, "train", kind=kind, side=40, cache_dir=synthetic.data.cache_dir) != cache

@@ -12,7 +12,7 @@ import pytest
 from transferbench.data.splits import split_task
 from transferbench.data.validation import validate_task
 from transferbench.errors import DataError
-from transferbench.paths import manifest_path
+from transferbench.data.layout import manifest_path
 
 pytestmark = pytest.mark.slow  # great-expectations takes a few seconds per run
 

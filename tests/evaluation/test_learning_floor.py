@@ -19,7 +19,7 @@ from transferbench.cli import main
 from transferbench.config import load_settings
 from transferbench.data.splits import split_task
 from transferbench.data.synthetic import generate
-from transferbench.training.finetune import run_finetune
+from transferbench.stages.finetune import run_finetune
 
 pytestmark = pytest.mark.slow
 

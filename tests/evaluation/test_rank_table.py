@@ -11,9 +11,12 @@ import pytest
 from study_files import metrics_record
 from transferbench.cli import main
 from transferbench.config import BackboneSettings
+from transferbench.engine.tasks import MetricSpec
 from transferbench.evaluation.ranking import rank_scores, rank_table
 from transferbench.evaluation.results import FinetuneResult, ResultsError, read_result, read_study_results
 from transferbench.evaluation.significance import critical_difference
+
+ACCURACY = MetricSpec("accuracy")
 
 CATALOGUE = {
     "test_resnet": BackboneSettings(model="test_resnet", family="convnet", weights="none"),
@@ -43,7 +46,7 @@ def test_ranks_ties_share_the_average_rank():
 
 def test_lower_is_better_metric_ranks_the_smallest_first():
     scores = {"age": {"test_resnet": [3.0, 3.2], "test_vit": [5.0, 5.5]}}
-    table = rank_table(_results(scores, {"age": "mae"}), study="s", task_metrics={"age": "mae"},
+    table = rank_table(_results(scores, {"age": "mae"}), study="s", task_metrics={"age": MetricSpec("mae", higher_is_better=False)},
                        backbones={b: CATALOGUE[b] for b in ("test_resnet", "test_vit")})
     assert table["tasks"]["age"]["higher_is_better"] is False
     assert table["tasks"]["age"]["backbones"]["test_resnet"]["rank"] == 1.0
@@ -56,7 +59,7 @@ def test_family_and_average_ranks():
         "t2": {"test_resnet": [0.2, 0.2], "test_convnext": [0.6, 0.6], "test_vit": [0.6, 0.6], "test_vit2": [0.9, 0.9]},
     }
     table = rank_table(_results(scores, {"t1": "accuracy", "t2": "accuracy"}), study="s",
-                       task_metrics={"t1": "accuracy", "t2": "accuracy"}, backbones=CATALOGUE)
+                       task_metrics={"t1": ACCURACY, "t2": ACCURACY}, backbones=CATALOGUE)
     t1, t2 = table["tasks"]["t1"], table["tasks"]["t2"]
     assert t1["backbones"]["test_resnet"]["mean"] == pytest.approx(0.85)
     assert t1["backbones"]["test_resnet"]["std"] == pytest.approx(0.0707106781)
@@ -78,7 +81,7 @@ def test_friedman_nemenyi_with_three_or_more_tasks():
     scores = {f"t{i}": {"test_resnet": [0.9], "test_convnext": [0.7 + 0.01 * i], "test_vit": [0.5],
                         "test_vit2": [0.1]} for i in range(5)}
     table = rank_table(_results(scores, {t: "accuracy" for t in scores}), study="s",
-                       task_metrics={t: "accuracy" for t in scores}, backbones=CATALOGUE)
+                       task_metrics={t: ACCURACY for t in scores}, backbones=CATALOGUE)
     sig = table["significance"]
     assert sig["applies"] and sig["n_tasks"] == 5 and sig["n_backbones"] == 4
     assert sig["p_value"] < 0.05 and sig["significant"]

@@ -20,10 +20,10 @@ import mlflow.pytorch
 import pytest
 import yaml
 
-from training.conftest import toy_params, toy_splits  # noqa: F401
+from engine.conftest import toy_params, toy_splits  # noqa: F401
 from transferbench.config import Settings, build
 from transferbench.evaluation.scoring import score_split
-from transferbench.training.finetune import run_finetune
+from transferbench.stages.finetune import run_finetune
 
 pytestmark = pytest.mark.slow  # fine-tunes in Ray Train local mode (toy_params)
 
@@ -60,7 +60,7 @@ def test_champion_loads_back_and_reproduces_its_recorded_test_metrics(toy_splits
 
     mlflow.set_registry_uri(uri)
     model = mlflow.pytorch.load_model(f"models:/{name}@champion")
-    scores = score_split(model, splits_dir=settings.data.splits_dir, cache_dir=tmp_path / "cache", task="toy",
-                         split="test", img_size=recorded["img_size"])
+    scores = score_split(model, task="toy", task_settings=settings.task("toy"), splits_dir=settings.data.splits_dir,
+                         cache_dir=tmp_path / "cache", split="test", img_size=recorded["img_size"])
     for metric, value in scores.items():
         assert value == pytest.approx(recorded[f"test_{metric}"], abs=1e-9), metric

@@ -11,10 +11,10 @@ import timm
 import torch
 
 from transferbench.config import BackboneSettings, load_settings
-from transferbench.models import Classifier, InputSpec, WeightsSource, build_classifier, create_backbone, presets
+from transferbench.models import InputSpec, TaskModel, WeightsSource, build_model, create_backbone
 
 SETTINGS = load_settings("params.yaml")
-PRESETS = presets(SETTINGS)
+PRESETS = SETTINGS.presets()
 
 
 def test_presets_cover_the_paper_and_balance_the_families():
@@ -37,8 +37,9 @@ def test_every_catalogue_entry_is_a_timm_model(name):
 @pytest.mark.parametrize("name", PRESETS["tiny"])
 def test_tiny_backbones_build_and_classify_at_the_study_size(name):
     entry = SETTINGS.backbone(name)
-    model = build_classifier(entry, num_classes=3, img_size=SETTINGS.finetune.img_size, dropout=0.2)
-    assert isinstance(model.head[0], torch.nn.Dropout) and model.head[0].p == 0.2
+    head = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.LazyLinear(3))
+    model = build_model(entry, img_size=SETTINGS.finetune.img_size, head=lambda n: head)
+    assert model.head is head
     out = model.eval()(torch.zeros(2, 3, SETTINGS.finetune.img_size, SETTINGS.finetune.img_size))
     assert out.shape == (2, 3)
     spec = InputSpec.of(model.backbone)
@@ -78,7 +79,7 @@ def test_offline_hub_weights_fail_with_the_clear_message():
 
 
 def test_frozen_backbone_gets_no_gradient():
-    model = Classifier(timm.create_model("test_vit", num_classes=0, img_size=32), 2, dropout=0.0)
+    model = TaskModel(timm.create_model("test_vit", num_classes=0, img_size=32), torch.nn.Linear(64, 2))
     model.train().freeze_backbone(True)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert all(p.grad is None for p in model.backbone.parameters())

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from training.conftest import (  # noqa: F401  (fixtures reused from the fine-tuning tests)
+from engine.conftest import (  # noqa: F401  (fixtures reused from the fine-tuning tests)
     ray_cluster,
     toy_params,
     toy_settings,

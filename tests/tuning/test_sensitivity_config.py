@@ -61,7 +61,8 @@ def test_tuned_switch_uses_the_backbones_tuned_values(tmp_path: Path) -> None:
 def test_importances_of_a_study_whose_trials_all_scored_the_same_are_flagged_degenerate() -> None:
     # A tiny random-init study can score every configuration the same (chance level): fANOVA then has
     # no variance to split, and the report must say so instead of crashing or inventing importances.
-    from transferbench.tuning.analysis import PARAMS, importances
+    from transferbench.config import TUNED_PARAMETERS as PARAMS
+    from transferbench.tuning.analysis import importances
 
     space = {"lr": {"low": 1e-5, "high": 1e-2, "log": True}, "warmup_iters": {"low": 0, "high": 4},
              "warmup_lr": {"low": 1e-7, "high": 1e-4, "log": True}}

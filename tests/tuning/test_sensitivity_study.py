@@ -20,7 +20,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from transferbench.config import Settings, build
+from transferbench.config import TUNED_PARAMETERS, Settings, build
 from transferbench.tuning import analysis
 from transferbench.tuning.report import study_json_path, summarise_study, task_report
 from transferbench.tuning.study import FIXED_LABEL, fixed_choice, prepare_study, work
@@ -72,7 +72,7 @@ def test_study_completes_with_pruning_importances_plots_and_mlflow_runs(tmp_path
     assert len(groups) == 4  # two backbones, two families
     for group in groups:
         for evaluator in analysis.EVALUATORS:
-            assert set(group[evaluator]) == set(analysis.PARAMS)
+            assert set(group[evaluator]) == set(TUNED_PARAMETERS)
             assert sum(group[evaluator].values()) == pytest.approx(1.0)
     stability = summary["rank_stability"]
     assert stability["n_configs"] == settings.sensitivity.n_trials

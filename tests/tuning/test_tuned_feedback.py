@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from transferbench.training.finetune import run_finetune
+from transferbench.stages.finetune import run_finetune
 
 from .conftest import toy_settings
 

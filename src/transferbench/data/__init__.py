@@ -1,4 +1,8 @@
-"""Data: dataset adapters (registry), splits, validation and quarantine (issue #3; PROTOCOL.md,
-"Tasks and splits"). Entry points: ``registry.get_dataset``, ``splits.split_task``,
-``validation.validate_task``; the CLI's ``fetch``, ``generate``, ``split`` and ``validate`` call them.
+"""Data: dataset adapters (registry), splits, validation and quarantine (PROTOCOL.md, "Tasks and
+splits"). Entry points: ``registry.get_dataset``, ``splits.split_task``, ``validation.validate_task``;
+the stages ``fetch``, ``generate_synthetic``, ``split`` and ``validate`` call them.
+
+Importing the package registers every adapter (as timm's ``models/__init__`` does for its models).
 """
+
+from transferbench.data import caltech101, covid_chestxray, cub200, flowers102, indoor67, synthetic  # noqa: F401

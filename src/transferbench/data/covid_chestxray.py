@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from transferbench.data import atomic
+from transferbench import atomic
 from transferbench.data.fetch import RemoteFile, extract, file_digest, obtain
 from transferbench.data.registry import register_dataset
 from transferbench.data.tables import read_csv_strict

@@ -1,4 +1,4 @@
-"""Downloading and mirroring raw data with checksums (issue #3, item 1).
+"""Downloading and mirroring raw data with checksums.
 
 Every remote file an adapter needs is a ``RemoteFile`` (official URL + checksum). Fetching
 prefers ``$TRANSFERBENCH_DATA_MIRROR/<dataset>/<file name>`` and falls back to the URL; either
@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from transferbench.data import atomic
+from transferbench import atomic
 from transferbench.errors import DataError
 from transferbench.paths import MIRROR_ENV
 

@@ -1,6 +1,6 @@
 """Image checks shared by the split step and validation: exists, non-empty, decodes, big enough.
 
-Issue #3, item 5: a missing, zero-byte, corrupt/truncated or too-small image is never
+A missing, zero-byte, corrupt/truncated or too-small image is never
 passed on silently; each gets a reason code that the caller quarantines or reports.
 """
 

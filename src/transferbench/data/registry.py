@@ -1,7 +1,8 @@
 """The dataset registry: name -> adapter, filled by a decorator at import time (like timm's
-``@register_model``). Adding a dataset is one new module with one ``@register_dataset``.
+``@register_model``). Adding a dataset is one new module with one ``@register_dataset``, imported
+by the package's ``__init__`` (the registry imports no adapter).
 
-An adapter owns one source (issue #3, item 1): ``fetch`` materialises it under a directory
+An adapter owns one source: ``fetch`` materialises it under a directory
 (from the offline mirror or its pinned upstream, checksums verified) and ``manifest`` turns
 that directory into one table, one row per image, with at least
 
@@ -59,12 +60,10 @@ def register_dataset(name: str) -> Callable[[type[A]], type[A]]:
 
 
 def list_datasets() -> list[str]:
-    _load_adapters()
     return sorted(_DATASETS)
 
 
 def get_dataset(name: str) -> DatasetAdapter:
-    _load_adapters()
     if name not in _DATASETS:
         raise DataError(f"unknown dataset {name!r}; registered datasets: {', '.join(sorted(_DATASETS))}")
     return _DATASETS[name]
@@ -80,9 +79,3 @@ def check_manifest_columns(frame: pd.DataFrame, source: str) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(f"{source}: manifest lacks required columns {missing}")
-
-
-def _load_adapters() -> None:
-    # Importing the adapter modules runs their decorators.
-    from transferbench.data import (  # noqa: F401
-        caltech101, covid_chestxray, cub200, flowers102, indoor67, synthetic)

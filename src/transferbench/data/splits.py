@@ -1,6 +1,6 @@
 """Task splits: filter a dataset's manifest, quarantine bad rows, apply the task's split rule
-and write ``train/val/test.csv`` + ``summary.json`` + ``quarantine.csv`` (issue #3, item 3;
-PROTOCOL.md, "Tasks and splits").
+and write ``train/val/test.csv`` + ``summary.json`` + ``quarantine.csv`` (PROTOCOL.md, "Tasks and
+splits").
 
 Split rules live in a registry (``@split_rule``):
 
@@ -26,12 +26,13 @@ import numpy as np
 import pandas as pd
 
 from transferbench.config import DataSettings, SplitSettings, TaskSettings
-from transferbench.data import atomic
+from transferbench import atomic
 from transferbench.data.geography import add_regions, geographic_assignment
 from transferbench.data.images import probe_image
 from transferbench.data.registry import check_manifest_columns, dataset_root, get_dataset
 from transferbench.errors import DataError
-from transferbench.paths import SPLITS, split_dir
+from transferbench.data.layout import split_dir
+from transferbench.paths import SPLITS
 
 log = logging.getLogger(__name__)
 

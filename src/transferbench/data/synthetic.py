@@ -1,4 +1,4 @@
-"""A deterministic generated dataset for unit tests and the CI smoke study (issue #3, item 1).
+"""A deterministic generated dataset for unit tests and the CI smoke study.
 
 Each image is a filled shape (one class per shape) on a noisy background, in a random bright
 colour or, with ``class_hue``, in its class's own hue (an easy cue, so that tiny random-init
@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from transferbench.config import SyntheticSettings
-from transferbench.data import atomic
+from transferbench import atomic
 from transferbench.data.registry import register_dataset
 from transferbench.data.tables import read_csv_strict
 from transferbench.errors import DataError

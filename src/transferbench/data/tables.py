@@ -1,5 +1,5 @@
 """Reading CSV tables strictly: a malformed file or a missing column is a ``DataError`` naming
-the file (and, where pandas can tell, the line), never a silently shortened table (issue #3, item 5).
+the file (and, where pandas can tell, the line), never a silently shortened table.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""great-expectations suites on a task's raw manifest and on its splits (issue #3, item 4).
+"""great-expectations suites on a task's raw manifest and on its splits.
 
 Suites (each expectation is critical unless marked warning):
 
@@ -28,14 +28,15 @@ from typing import Any
 import pandas as pd
 
 from transferbench.config import DataSettings, TaskSettings
-from transferbench.data import atomic
+from transferbench import atomic
 from transferbench.data.geography import add_regions, geographic_assignment
 from transferbench.data.images import probe_image
 from transferbench.data.registry import REQUIRED_COLUMNS, dataset_root, get_dataset
 from transferbench.data.splits import SUMMARY_FILE
 from transferbench.data.tables import read_csv_strict
 from transferbench.errors import DataError
-from transferbench.paths import SPLITS, manifest_path, reports_dir, split_dir
+from transferbench.data.layout import manifest_path, split_dir
+from transferbench.paths import SPLITS
 
 log = logging.getLogger(__name__)
 MANIFEST_COLUMNS = ("filename", "label", "group")
@@ -204,7 +205,7 @@ def _report(name: str, results: list[CheckResult], data: DataSettings) -> dict:
     report = {"task": name, "success": not errors, "checked": len(results),
               "errors": [r.describe() for r in errors], "warnings": [r.describe() for r in warnings],
               "results": [asdict(r) for r in results]}
-    out = reports_dir(data) / "validation"
+    out = Path(data.reports_dir) / "validation"
     atomic.write_json(out / f"{name}.json", report)
     atomic.write_text(out / f"{name}.md", _markdown(name, results, report))
     for warning in warnings:

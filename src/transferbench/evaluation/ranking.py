@@ -6,7 +6,7 @@ families by their average rank (PROTOCOL.md, "What the results look like"). Here
 - A backbone's score on a task is the mean of ``test_<metric>`` over seeds (the paper reports
   the mean of three runs); its spread is the sample standard deviation (ddof=1; ``None`` with
   one seed).
-- Rank 1 is best. Lower-is-better metrics (``results.LOWER_IS_BETTER``, e.g. age MAE) rank the
+- Rank 1 is best. A lower-is-better metric (its task kind says so: e.g. age MAE) ranks the
   smallest mean first.
 - Ties get the average of the ranks they span ("average" / fractional ranking, as in the
   Friedman test): two backbones tied for first both get 1.5. Means are rounded to
@@ -28,7 +28,8 @@ from typing import Any
 import pandas as pd
 
 from transferbench.config import BackboneSettings
-from transferbench.evaluation.results import FinetuneResult, higher_is_better
+from transferbench.engine.tasks import MetricSpec
+from transferbench.evaluation.results import FinetuneResult
 from transferbench.evaluation.significance import friedman_nemenyi
 from transferbench.models.backbones import WeightsSource
 
@@ -53,12 +54,12 @@ def _spread(values: Sequence[float]) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
 
 
-def rank_table(results: Sequence[FinetuneResult], *, study: str, task_metrics: Mapping[str, str],
+def rank_table(results: Sequence[FinetuneResult], *, study: str, task_metrics: Mapping[str, MetricSpec],
                backbones: Mapping[str, BackboneSettings], alpha: float = 0.05) -> dict[str, Any]:
     """Build the study's rank table from its per-seed results.
 
-    ``task_metrics`` maps each task (in study order) to its ranking metric; ``backbones`` is the
-    catalogue entry of each backbone in the study (in study order).
+    ``task_metrics`` maps each task (in study order) to its ranking metric and direction; ``backbones``
+    is the catalogue entry of each backbone in the study (in study order).
     """
     scores: dict[tuple[str, str], list[float]] = {}
     for r in sorted(results, key=lambda r: r.seed):
@@ -71,10 +72,10 @@ def rank_table(results: Sequence[FinetuneResult], *, study: str, task_metrics: M
         if missing:
             raise ValueError(f"task {task!r}: no results for backbones {missing}")
         means = {b: statistics.fmean(scores[task, b]) for b in backbones}
-        ranks = rank_scores(means, higher_better=higher_is_better(metric))
+        ranks = rank_scores(means, higher_better=metric.higher_is_better)
         tasks[task] = {
-            "metric": metric,
-            "higher_is_better": higher_is_better(metric),
+            "metric": metric.name,
+            "higher_is_better": metric.higher_is_better,
             "backbones": {b: {"mean": means[b], "std": _spread(scores[task, b]), "n_seeds": len(scores[task, b]),
                               "rank": ranks[b]} for b in backbones},
             "family_rank": {f: statistics.fmean(ranks[b] for b, s in backbones.items() if s.family == f)

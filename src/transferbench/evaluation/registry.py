@@ -24,7 +24,6 @@ from there.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,7 +32,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from transferbench.errors import TransferbenchError
-from transferbench.evaluation.results import FinetuneResult, higher_is_better
+from transferbench.engine.tasks import MetricSpec
+from transferbench.evaluation.results import FinetuneResult
 
 MODEL_ARTIFACT = "model"
 CHAMPION = "champion"
@@ -53,23 +53,26 @@ def family_alias(family: str) -> str:
     return f"best-{family}"
 
 
-def _val_key(result: FinetuneResult) -> tuple[float, int, str]:
-    """Sort key: best validation score first, then lower seed, then backbone name."""
-    score = -result.val_score if higher_is_better(result.metric) else result.val_score
+Metrics = Mapping[str, MetricSpec]  # task -> its selection metric and direction
+
+
+def _val_key(result: FinetuneResult, metrics: Metrics) -> tuple[float, int, str]:
+    """Sort key: best validation score first (in the task's direction), then lower seed, then backbone name."""
+    score = -result.val_score if metrics[result.task].higher_is_better else result.val_score
     return score, result.seed, result.backbone
 
 
-def select_checkpoints(results: Sequence[FinetuneResult]) -> dict[tuple[str, str], FinetuneResult]:
+def select_checkpoints(results: Sequence[FinetuneResult], metrics: Metrics) -> dict[tuple[str, str], FinetuneResult]:
     """The best seed of every (task, backbone), by validation metric."""
     best: dict[tuple[str, str], FinetuneResult] = {}
-    for result in sorted(results, key=_val_key):
+    for result in sorted(results, key=lambda r: _val_key(r, metrics)):
         best.setdefault((result.task, result.backbone), result)
     return best
 
 
-def alias_targets(selected: Sequence[FinetuneResult]) -> dict[str, FinetuneResult]:
+def alias_targets(selected: Sequence[FinetuneResult], metrics: Metrics) -> dict[str, FinetuneResult]:
     """``champion`` and ``best-<family>`` for one task's selected checkpoints."""
-    ranked = sorted(selected, key=_val_key)
+    ranked = sorted(selected, key=lambda r: _val_key(r, metrics))
     targets = {CHAMPION: ranked[0]} if ranked else {}
     for result in ranked:
         targets.setdefault(family_alias(result.family), result)
@@ -95,14 +98,6 @@ def version_tags(result: FinetuneResult, *, study: str, seeds: Sequence[Finetune
         for name, value in result.scores(split).items():
             tags[f"{split}_{name}"] = repr(value)
     return tags
-
-
-def current_git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def _model_source(client: MlflowClient, run_id: str) -> tuple[str, str | None]:
@@ -144,10 +139,10 @@ def _existing_version(client: MlflowClient, name: str, result: FinetuneResult) -
     return None
 
 
-def register_study(client: MlflowClient, results: Sequence[FinetuneResult], *, study: str,
+def register_study(client: MlflowClient, results: Sequence[FinetuneResult], *, metrics: Metrics, study: str,
                    git_commit: str | None = None) -> list[dict[str, Any]]:
     """Register every (task, backbone)'s best checkpoint and point the aliases; returns one row per version."""
-    selected = select_checkpoints(results)
+    selected = select_checkpoints(results, metrics)
     rows = []
     for task in dict.fromkeys(r.task for r in results):
         name = registered_model_name(study, task)
@@ -171,7 +166,7 @@ def register_study(client: MlflowClient, results: Sequence[FinetuneResult], *, s
                          "backbone": result.backbone, "family": result.family, "seed": result.seed,
                          "mlflow_run_id": result.mlflow_run_id, "created": created, "aliases": []})
         aliases = client.get_registered_model(name).aliases
-        for alias, result in alias_targets(task_selected).items():
+        for alias, result in alias_targets(task_selected, metrics).items():
             version = str(versions[result.backbone].version)
             if aliases.get(alias) != version:
                 client.set_registered_model_alias(name, alias, version)

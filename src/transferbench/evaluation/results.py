@@ -19,19 +19,9 @@ from typing import Any
 
 from transferbench.errors import TransferbenchError
 
-# Metrics where smaller is better (age MAE on FG-NET, depth RMSE, losses); everything
-# else (accuracy, balanced accuracy, macro-F1, AUROC, mIoU) is higher-is-better.
-LOWER_IS_BETTER = frozenset({"mae", "rmse", "loss", "log_loss"})
-
 
 class ResultsError(TransferbenchError):
     """A missing or malformed fine-tuning metrics file (names the file and key)."""
-
-
-def higher_is_better(metric: str) -> bool:
-    """Ranking direction of ``metric`` (``val_``/``test_`` prefixes ignored)."""
-    name = metric.removeprefix("val_").removeprefix("test_")
-    return name not in LOWER_IS_BETTER
 
 
 @dataclass(frozen=True)
@@ -134,3 +124,4 @@ def read_study_results(metrics_dir: str | Path, *, tasks: Mapping[str, str], bac
                                        f"catalogue in params.yaml says {family!r}")
                 results.append(result)
     return results
+

@@ -1,23 +1,21 @@
-"""Backbone catalogue and families: timm models, weights sources, the classification head."""
+"""Backbone catalogue and families: timm models, weights sources, the model a task kind's head completes."""
 
 from transferbench.models.backbones import (
-    Classifier,
     InputSpec,
+    TaskModel,
     WeightsSource,
     WeightsUnavailableError,
-    build_classifier,
+    build_model,
     create_backbone,
     effective_img_size,
-    presets,
 )
 
 __all__ = [
-    "Classifier",
     "InputSpec",
+    "TaskModel",
     "WeightsSource",
     "WeightsUnavailableError",
-    "build_classifier",
+    "build_model",
     "create_backbone",
     "effective_img_size",
-    "presets",
 ]

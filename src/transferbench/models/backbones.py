@@ -1,8 +1,9 @@
-"""Backbone catalogue -> timm models with the paper's classification head.
+"""Backbone catalogue -> timm models, with a task kind's head on their pooled features.
 
-PROTOCOL.md, "Backbones" and "Fine-tuning protocol": a timm backbone (features
-only, ``num_classes=0``) followed by dropout p and one linear layer. The weights
-source of every entry is explicit:
+PROTOCOL.md, "Backbones": a timm backbone (features only, ``num_classes=0``: the model's own
+pooling, global average for ConvNets and Swin, the class token for ViT) followed by the head the
+task kind builds (dropout + linear for classification). The weights source of every entry is
+explicit:
 
 - ``hub``: timm's pretrained weights (downloaded through the Hugging Face hub);
   when that is impossible (offline) loading fails with a ``WeightsUnavailableError``
@@ -17,7 +18,7 @@ Input normalisation (mean/std, crop fraction) comes from
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import timm
 import torch
 from torch import nn
 
-from transferbench.config import BackboneSettings, Settings
+from transferbench.config import BackboneSettings
 from transferbench.errors import TransferbenchError
 
 
@@ -73,14 +74,6 @@ def effective_img_size(backbone: BackboneSettings, protocol_img_size: int) -> in
     return backbone.img_size or protocol_img_size
 
 
-def presets(settings: Settings) -> dict[str, tuple[str, ...]]:
-    """Preset name -> backbone names, in catalogue order (the registry the tests iterate)."""
-    out: dict[str, list[str]] = {}
-    for name, entry in settings.backbones.items():
-        out.setdefault(entry.preset, []).append(name)
-    return {k: tuple(v) for k, v in out.items()}
-
-
 def _create(model: str, *, pretrained: bool, img_size: int, overlay: Mapping[str, Any] | None) -> nn.Module:
     kwargs: dict[str, Any] = {"pretrained": pretrained, "num_classes": 0}
     if overlay:
@@ -116,24 +109,24 @@ def create_backbone(backbone: BackboneSettings, *, img_size: int) -> nn.Module:
             f"or weights: 'none' (random initialisation, reported as random-init)") from exc
 
 
-class Classifier(nn.Module):
-    """Backbone features -> dropout -> linear (PROTOCOL.md head), with a freezable backbone.
+class TaskModel(nn.Module):
+    """Backbone features -> the task kind's head, with a freezable backbone.
 
     ``backbone_frozen`` runs the backbone in eval mode under ``torch.no_grad`` (warm-up,
     linear probe): its parameters get no gradients and its BatchNorm statistics stay put.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, *, dropout: float) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(backbone.num_features, num_classes))
+        self.head = head
         self.backbone_frozen = False
 
     def freeze_backbone(self, frozen: bool) -> None:
         self.backbone_frozen = frozen
         self.backbone.train(self.training and not frozen)
 
-    def train(self, mode: bool = True) -> Classifier:
+    def train(self, mode: bool = True) -> TaskModel:
         super().train(mode)
         self.backbone.train(mode and not self.backbone_frozen)
         return self
@@ -147,8 +140,10 @@ class Classifier(nn.Module):
         return self.head(features)
 
 
-def build_classifier(backbone: BackboneSettings, *, num_classes: int, img_size: int, dropout: float) -> Classifier:
-    return Classifier(create_backbone(backbone, img_size=img_size), num_classes, dropout=dropout)
+def build_model(backbone: BackboneSettings, *, img_size: int, head: Callable[[int], nn.Module]) -> TaskModel:
+    """The catalogue entry's backbone (built first: the seeded initialisation order), then ``head(num_features)``."""
+    features = create_backbone(backbone, img_size=img_size)
+    return TaskModel(features, head(features.num_features))
 
 
 @dataclass(frozen=True)

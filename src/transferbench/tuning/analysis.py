@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from transferbench.config import TUNED_PARAMETERS
 from transferbench.evaluation.ranking import family_order, rank_scores
 
-PARAMS = ("lr", "warmup_iters", "warmup_lr")
 EVALUATORS = ("fanova", "ped_anova")
 SCORED_STATES = ("COMPLETE", "PRUNED")
 
@@ -45,7 +45,7 @@ def _distributions(space: Mapping[str, Mapping[str, Any]], records: Sequence[Map
     from optuna.distributions import FloatDistribution, IntDistribution
 
     out = {}
-    for name in PARAMS:
+    for name in TUNED_PARAMETERS:
         values = [r["params"][name] for r in records]
         low, high = min([space[name]["low"], *values]), max([space[name]["high"], *values])
         if name == "warmup_iters":
@@ -64,7 +64,7 @@ def importances(records: Sequence[Mapping[str, Any]], *, space: Mapping[str, Map
     points = scored(records)
     distributions = _distributions(space, points)
     study = optuna.create_study(direction="maximize" if higher_better else "minimize")
-    study.add_trials([optuna.trial.create_trial(params={k: r["params"][k] for k in PARAMS},
+    study.add_trials([optuna.trial.create_trial(params={k: r["params"][k] for k in TUNED_PARAMETERS},
                                                 distributions=distributions, value=float(r["score"]))
                       for r in points])
     evaluators = {"fanova": FanovaImportanceEvaluator(seed=seed),
@@ -72,10 +72,10 @@ def importances(records: Sequence[Mapping[str, Any]], *, space: Mapping[str, Map
     out: dict[str, Any] = {"n_trials": len(points), "degenerate": {}}
     constant = len({float(r["score"]) for r in points}) <= 1  # nothing to explain: fANOVA has no variance
     for name, evaluator in evaluators.items():
-        raw = evaluator.evaluate(study, params=list(PARAMS)) if len(points) > 1 and not constant else {}
+        raw = evaluator.evaluate(study, params=list(TUNED_PARAMETERS)) if len(points) > 1 and not constant else {}
         total = sum(raw.values())
         out["degenerate"][name] = not total > 0
-        out[name] = ({k: raw[k] / total for k in PARAMS} if total > 0 else {k: 1.0 / len(PARAMS) for k in PARAMS})
+        out[name] = ({k: raw[k] / total for k in TUNED_PARAMETERS} if total > 0 else {k: 1.0 / len(TUNED_PARAMETERS) for k in TUNED_PARAMETERS})
     return out
 
 
@@ -87,7 +87,7 @@ def family_importances(per_backbone: Mapping[str, Mapping[str, Any]],
         members = [b for b, f in families.items() if f == family and b in per_backbone]
         out[family] = {}
         for evaluator in EVALUATORS:
-            mean = {p: statistics.fmean(per_backbone[b][evaluator][p] for b in members) for p in PARAMS}
+            mean = {p: statistics.fmean(per_backbone[b][evaluator][p] for b in members) for p in TUNED_PARAMETERS}
             total = sum(mean.values())
             out[family][evaluator] = {p: v / total for p, v in mean.items()}
     return out

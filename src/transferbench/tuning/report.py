@@ -21,16 +21,16 @@ Files (``<sensitivity.reports_dir>/<task>/``), also logged to MLflow:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from transferbench.config import Settings
+from transferbench.config import TUNED_PARAMETERS, Settings
 from transferbench.errors import TransferbenchError
-from transferbench.evaluation.results import higher_is_better
+from transferbench.engine.tracking import RunRegistry
+from transferbench.engine.tasks import task_metric
 from transferbench.tuning import analysis
 from transferbench.tuning.study import SCHEMA, StudyHandle, fixed_choice, load_study, redact
 
@@ -67,13 +67,11 @@ def trial_records(study: Any) -> list[dict[str, Any]]:
 
 def summarise_study(settings: Settings, handle: StudyHandle, *, task: str, backbone: str) -> dict[str, Any]:
     """Write ``studies/<backbone>.json`` and log it (and headline metrics) to the study's MLflow run."""
-    from transferbench.training.tracking import RunRegistry
-
     study, _ = load_study(settings, handle)
     s, entry, metric = settings.sensitivity, settings.backbone(backbone), settings.task(task).metric
-    better = higher_is_better(metric)
+    better = task_metric(settings.task(task), key=f"tasks.{task}.metric").higher_is_better
     records = trial_records(study)
-    space = dataclasses.asdict(s.space)
+    space = s.space.model_dump()
     counts: dict[str, int] = {}
     for r in records:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
@@ -82,7 +80,7 @@ def summarise_study(settings: Settings, handle: StudyHandle, *, task: str, backb
         "schema": SCHEMA, "study": handle.name, "task": task, "backbone": backbone, "family": entry.family,
         "model": entry.model, "weights": entry.weights, "metric": metric, "higher_is_better": better,
         "storage": redact(handle.storage_url), "sampler": s.sampler, "seed": s.seed,
-        "pruner": dataclasses.asdict(s.pruner), "max_epochs": s.max_epochs, "n_trials": s.n_trials,
+        "pruner": s.pruner.model_dump(), "max_epochs": s.max_epochs, "n_trials": s.n_trials,
         "space": space, "fixed": fixed_choice(settings.finetune), "counts": counts,
         "importances": analysis.importances(records, space=space, higher_better=better, seed=s.seed,
                                             ped_anova_quantile=s.ped_anova_quantile),
@@ -94,13 +92,12 @@ def summarise_study(settings: Settings, handle: StudyHandle, *, task: str, backb
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")
 
-    registry = RunRegistry(tracking_uri=handle.tracking_uri, experiment=settings.tracking.experiment,
-                           artifact_location=settings.tracking.artifact_location)
+    registry = RunRegistry.from_settings(settings.tracking)
     headline = {"n_complete": counts.get("COMPLETE", 0), "n_pruned": counts.get("PRUNED", 0),
                 "n_failed": counts.get("FAIL", 0), "fixed_score": summary["fixed_score"],
                 **{f"spread_{k}": v for k, v in summary["spread"].items() if k != "n"},
                 **{f"importance_{e}_{p}": summary["importances"][e][p]
-                   for e in analysis.EVALUATORS for p in analysis.PARAMS}}
+                   for e in analysis.EVALUATORS for p in TUNED_PARAMETERS}}
     if best is not None:
         headline |= {"best_score": best["score"], **{f"best_{k}": v for k, v in best["params"].items()}}
     registry.log_metrics(handle.study_run_id, headline)
@@ -139,7 +136,7 @@ def task_report(settings: Settings, *, task: str, backbones: Sequence[str] | Non
         raise TransferbenchError("no backbones: set params sensitivity.backbones (or pass --backbones)")
     studies = read_studies(settings, task, backbones)
     metric = settings.task(task).metric
-    better = higher_is_better(metric)
+    better = task_metric(settings.task(task), key=f"tasks.{task}.metric").higher_is_better
     families = {b: studies[b]["family"] for b in backbones}
     per_backbone_importances = {b: {e: studies[b]["importances"][e] for e in analysis.EVALUATORS}
                                 for b in backbones}
@@ -176,12 +173,9 @@ def task_report(settings: Settings, *, task: str, backbones: Sequence[str] | Non
 
 
 def _log_report(settings: Settings, task: str, files: Mapping[str, Path]) -> None:
-    from transferbench.training.tracking import RunRegistry, resolve_tracking_uri
     from transferbench.tuning.study import sensitivity_run
 
-    registry = RunRegistry(tracking_uri=resolve_tracking_uri(settings.tracking.tracking_uri),
-                           experiment=settings.tracking.experiment,
-                           artifact_location=settings.tracking.artifact_location)
+    registry = RunRegistry.from_settings(settings.tracking)
     run_id = sensitivity_run(registry, settings)
     for path in files.values():
         registry.client.log_artifact(run_id, str(path), artifact_path=task)
@@ -241,8 +235,8 @@ def write_figures(studies: Mapping[str, Mapping[str, Any]], families: Mapping[st
     family_imp = analysis.family_importances({b: s["importances"] for b, s in studies.items()}, families)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, evaluator in zip(axes, analysis.EVALUATORS, strict=True):
-        width = 0.8 / len(analysis.PARAMS)
-        for j, param in enumerate(analysis.PARAMS):
+        width = 0.8 / len(TUNED_PARAMETERS)
+        for j, param in enumerate(TUNED_PARAMETERS):
             values = [studies[g]["importances"][evaluator][param] if g in studies else family_imp[g][evaluator][param]
                       for g in groups]
             ax.bar([i + j * width for i in range(len(groups))], values, width, label=param)

@@ -7,10 +7,9 @@ and keeps every other protocol value of ``finetune``, with a shorter budget
 (``sensitivity.max_epochs``). The objective is the task's val metric (``tasks.<t>.metric``)
 at the protocol's best epoch (lowest val loss); the test split is never looked at.
 
-- **Trials run in-process** through the same engine as the main study (``loop.fit``, the same
-  model builder, image cache, loaders, metrics), not one Ray TorchTrainer per trial: a
-  TorchTrainer costs ~35 s to start on a small CPU machine, more than a whole tiny trial, and
-  in-process the pruning hook sees every epoch. The val metric is reported every epoch
+- **Trials run in the worker's process** through the same engine as the main study
+  (``loop.fit``, the same inputs, model builder, loaders and task kind), so the pruning hook sees
+  every epoch and a trial pays no start-up of its own. The val metric is reported every epoch
   (``trial.report``); the pruner (median, Hyperband or none) stops hopeless trials.
 - **Trial 0 is the fixed protocol choice** (``finetune.lr/warmup_iters/warmup_lr``, enqueued).
   With the default ``qmc`` sampler, configurations 1..n_trials-1 are the points of a scrambled
@@ -43,7 +42,6 @@ at the protocol's best epoch (lowest val loss); the test split is never looked a
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import json
@@ -63,14 +61,15 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from transferbench.cluster import configured_address, connect
-from transferbench.config import FinetuneSettings, SensitivitySettings, Settings
+from transferbench.config import TUNED_PARAMETERS, FinetuneSettings, SensitivitySettings, Settings
+from transferbench.engine import loop
+from transferbench.engine.cluster import configured_address, connect
+from transferbench.engine.data import CachedImages, eval_loader, read_manifests, train_loader
+from transferbench.engine.inputs import prepare_inputs
+from transferbench.engine.tasks import task_metric
+from transferbench.engine.tracking import RunRegistry
 from transferbench.errors import TransferbenchError
-from transferbench.evaluation.results import higher_is_better
-from transferbench.models import InputSpec, build_classifier, effective_img_size
-from transferbench.training import loop
-from transferbench.training.data import CachedImages, build_cache, eval_loader, read_manifests, train_loader
-from transferbench.training.tracking import RunRegistry, resolve_tracking_uri
+from transferbench.models import build_model
 from transferbench.tuning.storage import STORAGE_ENV, open_storage, redact, resolve_storage_url
 
 # QMCSampler, heartbeats and the retry callback are marked experimental; the pins fix their behaviour.
@@ -81,7 +80,6 @@ RAY_NODE_ENV = "TRANSFERBENCH_RAY_NODE"
 # The driver's service URIs travel to Ray workers (which inherit the raylet's environment, not ours).
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", STORAGE_ENV, "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT")
-PARAMS = ("lr", "warmup_iters", "warmup_lr")
 FIXED_LABEL = "fixed protocol choice"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SCHEMA = "transferbench.sensitivity_study/1"
@@ -113,8 +111,8 @@ def make_pruner(sensitivity: SensitivitySettings) -> optuna.pruners.BasePruner:
 
 
 def fixed_choice(protocol: FinetuneSettings) -> dict[str, Any]:
-    """The protocol's hand-fixed values: trial 0 of every study."""
-    return {"lr": protocol.lr, "warmup_iters": protocol.warmup_iters, "warmup_lr": protocol.warmup_lr}
+    """The protocol's hand-fixed values (``TUNED_PARAMETERS``): trial 0 of every study."""
+    return {name: getattr(protocol, name) for name in TUNED_PARAMETERS}
 
 
 def qmc_configs(sensitivity: SensitivitySettings, n: int) -> list[dict[str, Any]]:
@@ -140,10 +138,10 @@ def study_name(settings: Settings, *, task: str, backbone: str, data_version: st
     """``<study.name>/<task>/<backbone>/<key>``; the key changes with anything that defines the trials."""
     s = settings.sensitivity
     identity = {
-        "space": dataclasses.asdict(s.space), "sampler": s.sampler, "seed": s.seed, "max_epochs": s.max_epochs,
-        "pruner": dataclasses.asdict(s.pruner), "metric": settings.task(task).metric,
-        "finetune": {k: v for k, v in dataclasses.asdict(settings.finetune).items() if k != "hyperparameters"},
-        "backbone": {k: v for k, v in dataclasses.asdict(settings.backbone(backbone)).items() if k != "tuned"},
+        "space": s.space.model_dump(), "sampler": s.sampler, "seed": s.seed, "max_epochs": s.max_epochs,
+        "pruner": s.pruner.model_dump(), "metric": settings.task(task).metric,
+        "finetune": settings.finetune.model_dump(exclude={"hyperparameters"}),
+        "backbone": settings.backbone(backbone).model_dump(exclude={"tuned"}),
         "data_version": data_version,
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -225,11 +223,6 @@ class StudyHandle:
     study_run_id: str
 
 
-def _registry(settings: Settings) -> RunRegistry:
-    return RunRegistry(tracking_uri=resolve_tracking_uri(settings.tracking.tracking_uri),
-                       experiment=settings.tracking.experiment, artifact_location=settings.tracking.artifact_location)
-
-
 def sensitivity_run(registry: RunRegistry, settings: Settings) -> str:
     """The parent run of every sensitivity study of ``study.name``."""
     name = settings.study.name
@@ -253,7 +246,8 @@ def prepare_study(settings: Settings, *, task: str, backbone: str) -> StudyHandl
     name = study_name(settings, task=task, backbone=backbone, data_version=manifests.data_version())
     url = resolve_storage_url(settings.sensitivity.storage)
     storage = open_storage(url, settings.sensitivity)
-    direction = "maximize" if higher_is_better(task_settings.metric) else "minimize"
+    metric = task_metric(task_settings, key=f"tasks.{task}.metric")
+    direction = "maximize" if metric.higher_is_better else "minimize"
     study = optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=True,
                                 sampler=make_sampler(settings.sensitivity), pruner=make_pruner(settings.sensitivity))
     planned = [fixed_choice(settings.finetune)]
@@ -264,7 +258,7 @@ def prepare_study(settings: Settings, *, task: str, backbone: str) -> StudyHandl
         if index not in present:  # a raised n_trials enqueues only the new configurations
             study.enqueue_trial(params, user_attrs={"config_index": index,
                                                     "label": FIXED_LABEL if index == 0 else "sampled"})
-    registry = _registry(settings)
+    registry = RunRegistry.from_settings(settings.tracking)
     parent = sensitivity_run(registry, settings)
     run_id = study.user_attrs.get("mlflow_run_id")
     if run_id is None:
@@ -277,7 +271,7 @@ def prepare_study(settings: Settings, *, task: str, backbone: str) -> StudyHandl
             "task": task, "backbone": backbone, "metric": task_settings.metric, "direction": direction,
             "sampler": settings.sensitivity.sampler, "seed": settings.sensitivity.seed,
             "pruner": settings.sensitivity.pruner.kind, "max_epochs": settings.sensitivity.max_epochs,
-            **{f"space.{k}": json.dumps(v) for k, v in dataclasses.asdict(settings.sensitivity.space).items()},
+            **{f"space.{k}": json.dumps(v) for k, v in settings.sensitivity.space.model_dump().items()},
             **{f"fixed.{k}": v for k, v in fixed_choice(settings.finetune).items()}})
     return StudyHandle(name=name, storage_url=url, tracking_uri=registry.tracking_uri, sensitivity_run_id=parent,
                        study_run_id=run_id)
@@ -316,20 +310,14 @@ class SensitivityObjective:
         self.entry = settings.backbone(backbone)
         self.metric = settings.task(task).metric
         self.sensitivity = settings.sensitivity
-        self.base = dataclasses.replace(settings.finetune, max_epochs=self.sensitivity.max_epochs)
-        self.img_size = effective_img_size(self.entry, self.base.img_size)
-        self.manifests = read_manifests(settings.data.splits_dir, task)
-        probe = build_classifier(self.entry, num_classes=len(self.manifests.classes), img_size=self.img_size,
-                                 dropout=self.base.head_dropout)
-        spec = InputSpec.of(probe.backbone)
-        side = spec.cache_side(self.img_size)
-        caches = {s: build_cache(self.manifests, s, side=side, cache_dir=settings.data.cache_dir)
-                  for s in ("train", "val")}
-        self.train_set = CachedImages(caches["train"], img_size=self.img_size, mean=spec.mean, std=spec.std,
-                                      train=True, rotation_degrees=self.base.rotation_degrees, hflip=self.base.hflip)
-        self.val_set = CachedImages(caches["val"], img_size=self.img_size, mean=spec.mean, std=spec.std, train=False)
-        self.registry = RunRegistry(tracking_uri=handle.tracking_uri, experiment=settings.tracking.experiment,
-                                    artifact_location=settings.tracking.artifact_location)
+        self.base = settings.finetune.model_copy(update={"max_epochs": self.sensitivity.max_epochs})
+        inputs = prepare_inputs(settings.data, task, settings.task(task), self.entry, self.base, splits=("train", "val"))
+        self.kind, self.img_size = inputs.kind, inputs.img_size
+        mean, std = inputs.spec.mean, inputs.spec.std
+        self.train_set = CachedImages(inputs.caches["train"], img_size=self.img_size, mean=mean, std=std, train=True,
+                                      rotation_degrees=self.base.rotation_degrees, hflip=self.base.hflip)
+        self.val_set = CachedImages(inputs.caches["val"], img_size=self.img_size, mean=mean, std=std, train=False)
+        self.registry = RunRegistry.from_settings(settings.tracking)
         self.device = torch.device("cuda" if settings.ray.use_gpu and torch.cuda.is_available() else "cpu")
 
     def _claim(self, trial: optuna.Trial, index: int) -> str | None:
@@ -361,7 +349,7 @@ class SensitivityObjective:
             "warmup_lr": trial.suggest_float("warmup_lr", space.warmup_lr.low, space.warmup_lr.high,
                                              log=space.warmup_lr.log),
         }
-        protocol = dataclasses.replace(self.base, **params)
+        protocol = self.base.model_copy(update=params)
         label = trial.user_attrs.get("label", "sampled")
         study = self.settings.study.name
         run_id = self.registry.keyed_run(
@@ -374,16 +362,14 @@ class SensitivityObjective:
         self.registry.log_params(run_id, {
             **params, "config_index": index, "label": label, "optuna.trial": trial.number,
             "max_epochs": protocol.max_epochs, "seed": self.sensitivity.seed, "metric": self.metric,
-            **{f"finetune.{k}": v for k, v in dataclasses.asdict(protocol).items()}})
+            **{f"finetune.{k}": v for k, v in protocol.model_dump().items()}})
         hook = _ReportAndPrune(trial, self.registry, run_id, self.metric)
         try:
             loop.seed_everything(self.sensitivity.seed)  # every trial starts from the same weights
-            model = build_classifier(self.entry, num_classes=len(self.manifests.classes), img_size=self.img_size,
-                                     dropout=protocol.head_dropout)
+            model = build_model(self.entry, img_size=self.img_size, head=lambda n: self.kind.head(n, protocol))
             seed = self.sensitivity.seed
             session = loop.fit(
-                model, protocol=protocol, num_classes=len(self.manifests.classes), seed=seed, hooks=[hook],
-                device=self.device,
+                model, kind=self.kind, protocol=protocol, seed=seed, hooks=[hook], device=self.device,
                 train_loader=train_loader(self.train_set, batch_size=protocol.batch_size, seed=seed),
                 val_loader=eval_loader(self.val_set, batch_size=protocol.eval_batch_size))
         except BaseException:

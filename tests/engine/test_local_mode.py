@@ -20,10 +20,11 @@ import pytest
 import torch
 import yaml
 
-from transferbench.training.finetune import COMPLETED_FILE, run_finetune
-from transferbench.training.ray_trainer import FINAL_FILE, STATE_FILE, checkpoint_name
-from transferbench.training.ray_worker import latest_checkpoint, prune_checkpoints
-from transferbench.training.tracking import STUDY_TAG
+from transferbench.engine.checkpoints import latest_checkpoint, prune_checkpoints
+from transferbench.engine.finetune import COMPLETED_FILE
+from transferbench.engine.spec import FINAL_FILE, STATE_FILE, checkpoint_name
+from transferbench.engine.tracking import STUDY_TAG
+from transferbench.stages.finetune import run_finetune
 
 from .conftest import toy_params, toy_settings
 
@@ -102,9 +103,11 @@ def test_pruning_keeps_the_best_by_val_loss_and_the_latest(tmp_path):
         (tmp_path / checkpoint_name(epoch)).mkdir()
         (tmp_path / checkpoint_name(epoch) / STATE_FILE).write_bytes(b"x")
     history = [{"epoch": e, "val_loss": v} for e, v in enumerate(losses, start=1)]
-    assert prune_checkpoints(tmp_path, history, keep=1) == [2, 5]
+    assert prune_checkpoints(tmp_path, history, keep=1, selection="loss", higher_is_better=False) == [2, 5]
     assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint_name(2), checkpoint_name(5)]
-    assert prune_checkpoints(tmp_path, history, keep=3) == [2, 5]  # nothing pruned is brought back
+    # nothing pruned is brought back; a higher-is-better selection keeps the highest
+    assert prune_checkpoints(tmp_path, history, keep=3, selection="loss", higher_is_better=False) == [2, 5]
+    assert prune_checkpoints(tmp_path, history, keep=1, selection="loss", higher_is_better=True) == [5]
 
 
 @pytest.mark.slow
@@ -160,3 +163,18 @@ def test_a_sigkilled_local_mode_finetune_resumes_into_the_same_mlflow_run_with_n
     assert list(curve["epoch"]) == list(range(1, 15))
     assert not list(run_dir.glob(f"epoch_*/{STATE_FILE}.tmp")), "a .tmp checkpoint was left behind"
     assert os.path.exists(run_dir / COMPLETED_FILE)
+
+
+def test_local_mode_leaves_the_callers_torch_switches_as_it_found_them(toy_splits, tmp_path):
+    import torch
+
+    settings = toy_settings(toy_splits, **{k: v for k, v in _local(toy_splits, tmp_path).items()
+                                           if k in ("ray", "tracking")}, finetune={"max_epochs": 1})
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        run_finetune(settings, task="toy", backbone="test_vit", seed=0, metrics_dir=tmp_path / "m",
+                     plots_dir=tmp_path / "p")
+        assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == (before[0], True)
+    finally:
+        torch.backends.cudnn.benchmark = before[1]

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 
-from transferbench.config import FinetuneSettings
-from transferbench.models import build_classifier
-from transferbench.training import loop
-from transferbench.training.data import CachedImages, build_cache, eval_loader, read_manifests, train_loader
+from transferbench.config import FinetuneSettings, TaskSettings
+from transferbench.engine import loop
+from transferbench.engine.data import CachedImages, build_cache, eval_loader, read_manifests, train_loader
+from transferbench.engine.tasks import kind_for_task
+from transferbench.models import build_model
 
 from .conftest import toy_settings
 
@@ -19,9 +19,11 @@ from .conftest import toy_settings
 def _pieces(root, *, protocol: FinetuneSettings, seed: int = 0, backbone: str = "test_resnet"):
     settings = toy_settings(root)
     manifests = read_manifests(settings.data.splits_dir, "toy")
-    caches = {s: build_cache(manifests, s, side=36, cache_dir=settings.data.cache_dir) for s in ("train", "val")}
+    kind = kind_for_task(settings.task("toy"), manifests.summary)
+    caches = {s: build_cache(manifests, s, kind=kind, side=36, cache_dir=settings.data.cache_dir)
+              for s in ("train", "val")}
     loop.seed_everything(seed)
-    model = build_classifier(settings.backbone(backbone), num_classes=2, img_size=32, dropout=protocol.head_dropout)
+    model = build_model(settings.backbone(backbone), img_size=32, head=lambda n: kind.head(n, protocol))
     mk = lambda s, train: CachedImages(caches[s], img_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, train=train,  # noqa: E731
                                        rotation_degrees=protocol.rotation_degrees, hflip=protocol.hflip)
     return (model, train_loader(mk("train", True), batch_size=protocol.batch_size, seed=seed),
@@ -29,43 +31,48 @@ def _pieces(root, *, protocol: FinetuneSettings, seed: int = 0, backbone: str = 
 
 
 PROTOCOL = FinetuneSettings(warmup_iters=3, max_epochs=3, batch_size=8, img_size=32, lr=1e-3)
+KIND = kind_for_task(TaskSettings(dataset="synthetic", split={"rule": "random"}), {"classes": ["bright", "dark"]})
+
+
+def _with(protocol: FinetuneSettings, **changes) -> FinetuneSettings:
+    return protocol.model_copy(update=changes)
 
 
 def test_warmup_trains_only_the_head_then_everything(toy_splits):
-    protocol = dataclasses.replace(PROTOCOL, warmup_iters=6, max_epochs=1)  # 48 / 8 = 6 steps: all warm-up
+    protocol = _with(PROTOCOL, warmup_iters=6, max_epochs=1)  # 48 / 8 = 6 steps: all warm-up
     model, train, val = _pieces(toy_splits, protocol=protocol)
     backbone_before = [p.detach().clone() for p in model.backbone.parameters()]
     head_before = [p.detach().clone() for p in model.head.parameters()]
     bn_before = model.backbone.bn1.running_mean.clone()
-    session = loop.fit(model, train_loader=train, val_loader=val, protocol=protocol, num_classes=2, seed=0)
+    session = loop.fit(model, train_loader=train, val_loader=val, protocol=protocol, kind=KIND, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(backbone_before, model.backbone.parameters()))
     assert torch.equal(bn_before, model.backbone.bn1.running_mean), "frozen backbone must keep its BN statistics"
     assert not all(torch.equal(a, b) for a, b in zip(head_before, model.head.parameters()))
     assert session.state.history[0]["lr"] == protocol.warmup_lr and session.state.history[0]["warmup"] == 1.0
 
-    protocol = dataclasses.replace(PROTOCOL, warmup_iters=2, max_epochs=1)
+    protocol = _with(PROTOCOL, warmup_iters=2, max_epochs=1)
     model, train, val = _pieces(toy_splits, protocol=protocol)
     backbone_before = [p.detach().clone() for p in model.backbone.parameters()]
-    session = loop.fit(model, train_loader=train, val_loader=val, protocol=protocol, num_classes=2, seed=0)
+    session = loop.fit(model, train_loader=train, val_loader=val, protocol=protocol, kind=KIND, seed=0)
     assert not all(torch.equal(a, b) for a, b in zip(backbone_before, model.backbone.parameters()))
     assert session.state.history[0]["lr"] == protocol.lr and session.state.step == 6
 
 
 def test_linear_probe_never_touches_the_backbone(toy_splits):
-    protocol = dataclasses.replace(PROTOCOL, mode="linear_probe", max_epochs=2)
+    protocol = _with(PROTOCOL, mode="linear_probe", max_epochs=2)
     model, train, val = _pieces(toy_splits, protocol=protocol)
     before = [p.detach().clone() for p in model.backbone.parameters()]
-    session = loop.fit(model, train_loader=train, val_loader=val, protocol=protocol, num_classes=2, seed=0)
+    session = loop.fit(model, train_loader=train, val_loader=val, protocol=protocol, kind=KIND, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(before, model.backbone.parameters()))
     assert [h["lr"] for h in session.state.history] == [protocol.lr] * 2
 
 
 def test_early_stop_plateau_and_stopping_hook(toy_splits):
     # A tiny lr: val loss soon stops improving, so plateau halves the lr and early stop fires.
-    protocol = dataclasses.replace(PROTOCOL, lr=1e-6, warmup_iters=0, plateau_patience=0, early_stop_patience=2,
+    protocol = _with(PROTOCOL, lr=1e-6, warmup_iters=0, plateau_patience=0, early_stop_patience=2,
                                    max_epochs=20)
     model, train, val = _pieces(toy_splits, protocol=protocol)
-    session = loop.fit(model, train_loader=train, val_loader=val, protocol=protocol, num_classes=2, seed=0)
+    session = loop.fit(model, train_loader=train, val_loader=val, protocol=protocol, kind=KIND, seed=0)
     assert session.state.stop_reason == "early_stop"
     assert session.state.epoch <= 1 + protocol.early_stop_patience + 1
     lrs = [h["lr"] for h in session.state.history]
@@ -78,8 +85,8 @@ def test_early_stop_plateau_and_stopping_hook(toy_splits):
         return record["epoch"] >= 2
 
     model, train, val = _pieces(toy_splits, protocol=PROTOCOL)
-    session = loop.fit(model, train_loader=train, val_loader=val, protocol=dataclasses.replace(PROTOCOL, max_epochs=9),
-                       num_classes=2, seed=0, hooks=[prune_after_two])
+    session = loop.fit(model, train_loader=train, val_loader=val, protocol=_with(PROTOCOL, max_epochs=9),
+                       kind=KIND, seed=0, hooks=[prune_after_two])
     assert seen == [1, 2] and session.state.stop_reason == "hook"
 
 
@@ -96,12 +103,12 @@ class _Recording:
 
 
 def test_train_loss_and_accuracy_are_the_epochs_per_sample_means(toy_splits):
-    protocol = dataclasses.replace(PROTOCOL, max_epochs=1, label_smoothing=0.1)
+    protocol = _with(PROTOCOL, max_epochs=1, label_smoothing=0.1)
     model, train, val = _pieces(toy_splits, protocol=protocol)
     train = _Recording(train)
     logits = []
     model.register_forward_hook(lambda m, args, out: logits.append(out.detach().clone()) if m.training else None)
-    session = loop.fit(model, train_loader=train, val_loader=val, protocol=protocol, num_classes=2, seed=0)
+    session = loop.fit(model, train_loader=train, val_loader=val, protocol=protocol, kind=KIND, seed=0)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     assert len(logits) == len(train.targets) == 6
     total = sum(len(t) for t in train.targets)
@@ -114,7 +121,7 @@ def test_train_loss_and_accuracy_are_the_epochs_per_sample_means(toy_splits):
 
 def _history(toy_splits, seed: int, **kwargs):
     model, train, val = _pieces(toy_splits, protocol=PROTOCOL, seed=seed)
-    return loop.fit(model, train_loader=train, val_loader=val, protocol=PROTOCOL, num_classes=2, seed=seed, **kwargs)
+    return loop.fit(model, train_loader=train, val_loader=val, protocol=PROTOCOL, kind=KIND, seed=seed, **kwargs)
 
 
 def _strip(history):
@@ -140,4 +147,4 @@ def test_same_seed_same_metrics_and_resume_replays_exactly(toy_splits):
     assert resumed.state.resumed_at_epochs == [1]
     assert [h["epoch"] for h in resumed.state.history] == [1, 2, 3]
     assert _strip(resumed.state.history) == _strip(straight.state.history)
-    assert math.isfinite(resumed.state.best_val_loss)
+    assert math.isfinite(resumed.state.best_score)

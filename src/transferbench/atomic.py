@@ -1,7 +1,7 @@
 """Atomic writes: every file the data stages produce appears whole or not at all.
 
 A crash or a failed check never leaves a half-written manifest, summary or report
-behind (issue #3, item 5): content goes to a temporary sibling first and is then
+behind: content goes to a temporary sibling first and is then
 renamed over the target, which POSIX makes atomic on one file system. A directory of
 outputs (one task's split) is built in a temporary sibling directory and swapped in.
 """

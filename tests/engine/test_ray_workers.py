@@ -1,13 +1,15 @@
 """The distributed path end to end: Ray Train worker actors on a real local Ray cluster, DDP, a
-killed worker and a killed driver, and a real MLflow SQLite store (issue #4 acceptance).
-Local mode (``ray.num_workers: 0``) is tested in test_local_mode.py."""
+worker SIGKILLed from outside, and a real MLflow SQLite store. Local mode (``ray.num_workers: 0``)
+is tested in test_local_mode.py; a killed driver in tests/cluster/test_scale_out.py."""
 
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -15,13 +17,14 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import torch
 
-from transferbench.training.data import CachedImages
-from transferbench.training.finetune import run_finetune
-from transferbench.training.ray_trainer import FINAL_FILE, KILL_MARKER, WORKER_ENV
-from transferbench.training.tracking import RUN_KEY_TAG, STUDY_TAG
+from transferbench.engine.data import CachedImages
+from transferbench.engine.spec import REPORT_INTERVAL_ENV, WORKER_ENV
+from transferbench.engine.tracking import STUDY_TAG
+from transferbench.stages.finetune import run_finetune
 
 from .conftest import toy_settings
 
@@ -44,19 +47,52 @@ def _child_runs(uri: str, study: str) -> list:
                               filter_string=f"tags.`{STUDY_TAG}` = '{study}' and tags.`transferbench.kind` = 'finetune'")
 
 
+def _train_workers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["name", "cmdline"])
+            if any("RayTrainWorker" in part for part in [p.info["name"] or "", *(p.info["cmdline"] or [])])]
+
+
+class _Watching(threading.Thread):
+    """Beside a run in this process: every 0.1 s, ``look(workers)`` at its Ray Train worker processes,
+    until it returns True or the run is over."""
+
+    def __init__(self, look) -> None:
+        super().__init__(daemon=True)
+        self.look, self.done = look, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set() and not self.look(_train_workers()):
+            time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def two_worker_run(toy_splits, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two_workers")
     # Two loader processes per worker: augmentation forked from a Ray Train worker's thread, with DDP.
     settings = toy_settings(toy_splits, **_stores(tmp, ray={"report_interval_s": 0.5, "loader_workers": 2}))
+    environments: dict[int, dict[str, str]] = {}
+
+    def read_environments(workers: list[psutil.Process]) -> bool:  # what each worker process started with
+        for worker in workers:
+            try:
+                environments.setdefault(worker.pid, worker.environ())
+            except psutil.Error:
+                pass
+        return False
+
+    watcher = _Watching(read_environments)
+    watcher.start()
     started = time.perf_counter()
-    result = run_finetune(settings, task="toy", backbone="test_resnet", seed=0, num_workers=2,
-                          metrics_dir=tmp / "metrics", plots_dir=tmp / "plots")
-    return settings, tmp, result, time.perf_counter() - started
+    try:
+        result = run_finetune(settings, task="toy", backbone="test_resnet", seed=0, num_workers=2,
+                              metrics_dir=tmp / "metrics", plots_dir=tmp / "plots")
+    finally:
+        watcher.done.set()
+    return settings, tmp, result, time.perf_counter() - started, environments
 
 
 def test_two_workers_write_metrics_curves_and_a_complete_mlflow_run(two_worker_run):
-    settings, tmp, result, seconds = two_worker_run
+    settings, tmp, result, seconds, environments = two_worker_run
     print(f"2-worker toy finetune: {seconds:.1f}s")
     on_disk = json.loads((tmp / "metrics" / "toy" / "test_resnet" / "seed0.json").read_text())
     assert on_disk == result
@@ -84,10 +120,12 @@ def test_two_workers_write_metrics_curves_and_a_complete_mlflow_run(two_worker_r
     # What the workers really trained on: CPU here, so fp32 and no channels-last whatever ray.* says.
     assert (result["device"], result["precision"], result["channels_last"]) == ("cpu", "fp32", False)
     assert (tags["transferbench.device"], tags["transferbench.precision"]) == ("cpu", "fp32")
-    # ray.report_interval_s reaches Ray Train's processes (the workers read it from their environment).
-    final = json.loads((Path(settings.ray.storage_path) / result["ray_run_name"] / FINAL_FILE).read_text())
-    assert params["ray.report_interval_s"] == "0.5" and final["report_interval_s"] == 0.5
-    assert final["worker_env"] == WORKER_ENV  # the malloc settings, in the environment the workers started with
+    # The worker processes started with the malloc settings and ray.report_interval_s (read from
+    # /proc while they trained: what glibc and Ray Train read when the process starts).
+    assert params["ray.report_interval_s"] == "0.5" and len(environments) >= 2, environments.keys()
+    for environment in environments.values():
+        assert {k: environment.get(k) for k in WORKER_ENV} == WORKER_ENV
+        assert float(environment[REPORT_INTERVAL_ENV]) == 0.5
     # Checkpoints are written straight into the run's directory (no upload), and Ray Train still
     # prunes them: checkpoints_to_keep (1, by val loss) plus the latest.
     run_dir = Path(settings.ray.storage_path) / result["ray_run_name"]
@@ -115,35 +153,41 @@ def test_two_workers_write_metrics_curves_and_a_complete_mlflow_run(two_worker_r
     assert list(classes[predicted]) == list(recorded["prediction"])
 
 
-def test_killed_worker_resumes_from_its_checkpoint_in_the_same_mlflow_run(toy_splits, tmp_path):
-    settings = toy_settings(toy_splits, **_stores(tmp_path), finetune={"max_epochs": 4})
-    result = run_finetune(settings, task="toy", backbone="test_resnet", seed=0, num_workers=2,
-                          metrics_dir=tmp_path / "metrics", plots_dir=tmp_path / "plots", kill_at_epoch=2, kill_rank=0)
-    run_dir = Path(settings.ray.storage_path) / result["ray_run_name"]
-    assert "killed rank 0" in (run_dir / KILL_MARKER).read_text()
-    assert result["resumed_at_epochs"] == [2], "training restarted instead of resuming from epoch 2's checkpoint"
-    assert result["epochs_run"] == 4
+def test_a_worker_killed_from_outside_resumes_from_its_checkpoint_in_the_same_mlflow_run(toy_splits, tmp_path):
+    epochs = 8
+    settings = toy_settings(toy_splits, **_stores(tmp_path), finetune={"max_epochs": epochs,
+                                                                       "early_stop_patience": 50})
+    storage = Path(settings.ray.storage_path)
+    killed: list[int] = []
+
+    def kill_after_second_checkpoint(workers: list[psutil.Process]) -> bool:
+        if not list(storage.glob("*/epoch_0002/state.pt")) or not workers:
+            return False
+        workers[0].send_signal(signal.SIGKILL)  # a worker process dies, as on a lost machine
+        killed.append(workers[0].pid)
+        return True
+
+    watcher = _Watching(kill_after_second_checkpoint)
+    watcher.start()
+    try:
+        result = run_finetune(settings, task="toy", backbone="test_resnet", seed=0, num_workers=2,
+                              metrics_dir=tmp_path / "metrics", plots_dir=tmp_path / "plots")
+    finally:
+        watcher.done.set()
+    assert killed, "the run finished before a worker could be killed"
+    # Ray resumes from the checkpoint it had registered: epoch 2's, or epoch 1's if the kill came between
+    # epoch 2's file and its report; never from scratch.
+    (resumed_at,) = result["resumed_at_epochs"]
+    assert resumed_at >= 1, "training restarted from scratch instead of from a checkpoint"
+    assert result["epochs_run"] == epochs
     runs = _child_runs(settings.tracking.tracking_uri, "toy-study")
     assert [r.info.run_id for r in runs] == [result["mlflow_run_id"]], "recovery left a second MLflow run"
-    history = mlflow.MlflowClient(settings.tracking.tracking_uri).get_metric_history(result["mlflow_run_id"], "val_loss")
-    assert sorted(m.step for m in history) == [1, 2, 3, 4]
-    assert runs[0].info.status == "FINISHED" and runs[0].data.tags["transferbench.resumed_at_epochs"] == "2"
-
-
-def test_killed_driver_run_resumes_when_the_command_is_rerun(toy_splits, tmp_path):
-    from ray.train import TrainingFailedError
-
-    settings = toy_settings(toy_splits, **_stores(tmp_path, ray={"max_failures": 0}))
-    with pytest.raises(TrainingFailedError):  # no retries: the whole run dies at epoch 1
-        run_finetune(settings, task="toy", backbone="test_vit", seed=1, metrics_dir=tmp_path / "m",
-                     plots_dir=tmp_path / "p", kill_at_epoch=1)
-    (failed,) = _child_runs(settings.tracking.tracking_uri, "toy-study")
-    assert failed.info.status == "FAILED"
-    result = run_finetune(settings, task="toy", backbone="test_vit", seed=1, metrics_dir=tmp_path / "m",
-                          plots_dir=tmp_path / "p")
-    assert result["resumed_at_epochs"] == [1] and result["mlflow_run_id"] == failed.info.run_id
-    (finished,) = _child_runs(settings.tracking.tracking_uri, "toy-study")
-    assert finished.info.status == "FINISHED" and finished.data.tags[RUN_KEY_TAG] == result["ray_run_name"]
+    client = mlflow.MlflowClient(settings.tracking.tracking_uri)
+    for key in ("val_loss", "train_loss"):
+        steps = sorted(m.step for m in client.get_metric_history(result["mlflow_run_id"], key))
+        assert steps == list(range(1, epochs + 1)), f"{key}: a gap or a repeat after the recovery: {steps}"
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["transferbench.resumed_at_epochs"] == str(resumed_at)
 
 
 def _free_port() -> int:
@@ -160,7 +204,7 @@ def _get(url: str, payload: dict | None = None) -> dict:
 
 
 def test_mlflow_ui_server_serves_the_study_over_rest(two_worker_run):
-    settings, tmp, result, _ = two_worker_run
+    settings, tmp, result, _, _ = two_worker_run
     port = _free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", settings.tracking.tracking_uri,

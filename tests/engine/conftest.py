@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from transferbench.cluster import connect
+from transferbench.engine.cluster import connect
 from transferbench.config import Settings, build
 
 CLASSES = ("bright", "dark")

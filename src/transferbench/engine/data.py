@@ -1,15 +1,15 @@
 """Split manifests -> a decoded image cache -> augmented tensors (PROTOCOL.md augmentation).
 
 Manifest contract (written by the split stage): ``<splits_dir>/<task>/{train,val,test}.csv``
-with columns ``filename`` (relative to the working directory, or absolute), ``label``
-(class name) and ``group``; ``<splits_dir>/<task>/summary.json`` lists ``classes``
-(sorted; a label's index is its position there).
+with columns ``filename`` (relative to the working directory, or absolute), ``group`` and what
+the task kind turns into a target (``label`` for classification); ``summary.json`` beside them
+holds the task's label space (``classes`` for classification).
 
-Every image is decoded, converted to RGB (grayscale X-rays -> 3 channels) and resized
-ONCE into a uint8 tensor file per (task, split, side), keyed by the manifest's content
-hash, so epochs never reopen full-size images. Training augments those tensors in memory:
-random crop to ``img_size``, random rotation in [-d, d] degrees, horizontal flip.
-Evaluation takes the centre crop.
+Every image is decoded, converted to RGB (grayscale X-rays -> 3 channels) and resized ONCE into
+a uint8 tensor file per (task, split, side), with the task kind's targets, keyed by the
+manifest's content hash (which carries each image's md5), so epochs never reopen full-size
+images. Training augments those tensors in memory: random crop to ``img_size``, random rotation
+in [-d, d] degrees, horizontal flip. Evaluation takes the centre crop.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -29,18 +30,21 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from transferbench.errors import DataError
+from transferbench.paths import SPLITS
 
-SPLITS = ("train", "val", "test")
-CACHE_FORMAT = 1  # bump when the cached layout or resizing changes
+if TYPE_CHECKING:
+    from transferbench.engine.tasks import TaskKind
+
+CACHE_FORMAT = 2  # bump when the cached layout or resizing changes
 
 
 @dataclass(frozen=True)
 class TaskManifests:
-    """The three manifests of one task and its class list."""
+    """The three manifests of one task and its split summary (``summary.json``)."""
 
     task: str
     paths: dict[str, Path]
-    classes: tuple[str, ...]
+    summary: dict[str, Any] = field(hash=False, compare=False)
 
     def frame(self, split: str) -> pd.DataFrame:
         return pd.read_csv(self.paths[split], dtype={"label": str})
@@ -50,8 +54,9 @@ class TaskManifests:
         return hashlib.md5(self.paths[split].read_bytes()).hexdigest()
 
     def data_version(self) -> str:
-        """One hash for the task's split: the md5s of the three manifests and the class list."""
-        text = json.dumps({"classes": list(self.classes), **{s: self.md5(s) for s in SPLITS}}, sort_keys=True)
+        """One hash for the task's split: the md5s of the three manifests and the label space."""
+        text = json.dumps({"classes": list(self.summary.get("classes", [])), **{s: self.md5(s) for s in SPLITS}},
+                          sort_keys=True)
         return hashlib.md5(text.encode()).hexdigest()
 
 
@@ -62,12 +67,12 @@ def read_manifests(splits_dir: str | Path, task: str) -> TaskManifests:
         if not path.is_file():
             raise DataError(f"{path}: split manifest not found (run the split stage: `dvc repro split`)")
     try:
-        classes = tuple(json.loads((root / "summary.json").read_text())["classes"])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise DataError(f"{root / 'summary.json'}: no 'classes' list ({exc})") from None
-    if len(classes) < 2:
-        raise DataError(f"{root / 'summary.json'}: 'classes' must list at least two classes, got {list(classes)}")
-    return TaskManifests(task, paths, classes)
+        summary = json.loads((root / "summary.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{root / 'summary.json'}: not valid JSON ({exc})") from None
+    if not isinstance(summary, dict):
+        raise DataError(f"{root / 'summary.json'}: expected a JSON object")
+    return TaskManifests(task, paths, summary)
 
 
 def _load_rgb(path: Path, side: int) -> torch.Tensor:
@@ -78,40 +83,37 @@ def _load_rgb(path: Path, side: int) -> torch.Tensor:
         return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
-def build_cache(manifests: TaskManifests, split: str, *, side: int, cache_dir: str | Path) -> Path:
-    """Decode and resize one split once; returns the cache file (reused while the manifest is unchanged)."""
-    key = hashlib.sha256(f"{CACHE_FORMAT}:{side}:{manifests.md5(split)}".encode()).hexdigest()[:16]
+def build_cache(manifests: TaskManifests, split: str, *, kind: TaskKind, side: int, cache_dir: str | Path) -> Path:
+    """Decode and resize one split once, with ``kind``'s targets; returns the cache file (reused while the
+    manifest, the side and the task kind's label space are unchanged)."""
+    identity = f"{CACHE_FORMAT}:{side}:{manifests.md5(split)}:{kind!r}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     out = Path(cache_dir) / manifests.task / f"{split}-{side}px-{key}.pt"
     if out.is_file():
         return out
     frame = manifests.frame(split)
-    index = {name: i for i, name in enumerate(manifests.classes)}
+    targets = kind.targets(frame, manifests.paths[split])  # a bad row fails here, before any decoding
     images = torch.empty((len(frame), 3, side, side), dtype=torch.uint8)
-    labels = torch.empty(len(frame), dtype=torch.int64)
-    for row, (filename, label) in enumerate(zip(frame["filename"], frame["label"], strict=True)):
-        if label not in index:
-            raise DataError(f"{manifests.paths[split]} row {row + 2}: label {label!r} is not one of the "
-                            f"classes in summary.json {list(manifests.classes)}")
+    for row, filename in enumerate(frame["filename"]):
         try:
             images[row] = _load_rgb(Path(filename), side)
         except OSError as exc:
             raise DataError(f"{manifests.paths[split]} row {row + 2}: cannot read image {filename}: {exc}") from None
-        labels[row] = index[label]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"images": images, "labels": labels, "filenames": list(frame["filename"])}, tmp)
+    torch.save({"images": images, "targets": targets, "filenames": list(frame["filename"])}, tmp)
     os.replace(tmp, out)  # atomic: a concurrent reader never sees half a file
     return out
 
 
 class CachedImages(Dataset):
-    """Cached uint8 images -> normalised float tensors, augmented when ``train``."""
+    """Cached uint8 images -> (normalised float tensor, target, index), augmented when ``train``."""
 
     def __init__(self, cache_file: str | Path, *, img_size: int, mean: Sequence[float], std: Sequence[float],
                  train: bool, rotation_degrees: float = 0.0, hflip: bool = False) -> None:
         blob = torch.load(cache_file, weights_only=True)
         self.images: torch.Tensor = blob["images"]
-        self.labels: torch.Tensor = blob["labels"]
+        self.targets: torch.Tensor = blob["targets"]
         steps: list[v2.Transform] = []
         if train:
             steps.append(v2.RandomCrop(img_size))
@@ -125,10 +127,10 @@ class CachedImages(Dataset):
         self.transform = v2.Compose(steps)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.targets)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        return self.transform(self.images[i]), self.labels[i], i
+        return self.transform(self.images[i]), self.targets[i], i
 
 
 def _processes(workers: int, pin_memory: bool) -> dict[str, object]:

@@ -1,6 +1,6 @@
 """Experiment tracking behind a small ``Tracker`` protocol; MLflow is one implementation.
 
-Run layout (issue #4, item 5): one parent run per study, found by its tag
+Run layout: one parent run per study, found by its tag
 ``transferbench.study`` (each dvc stage is a separate process), and one nested child run
 per (task, backbone, seed) tagged with task/backbone/family/weights/random_init/seed.
 A child run is identified by ``transferbench.run_key`` (the Ray Train run name); a run
@@ -20,6 +20,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
+
+from transferbench.config import TrackingSettings
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 STUDY_TAG = "transferbench.study"
@@ -164,6 +166,12 @@ class RunRegistry:
         else:
             self.experiment_id = found.experiment_id
 
+    @classmethod
+    def from_settings(cls, tracking: TrackingSettings) -> RunRegistry:
+        """The registry of ``params.yaml`` ``tracking`` (``$MLFLOW_TRACKING_URI`` overrides the store)."""
+        return cls(tracking_uri=resolve_tracking_uri(tracking.tracking_uri), experiment=tracking.experiment,
+                   artifact_location=tracking.artifact_location)
+
     def _search(self, filter_string: str) -> list[Any]:
         return self.client.search_runs([self.experiment_id], filter_string=filter_string,
                                        order_by=["attributes.start_time ASC"], max_results=50)
@@ -216,30 +224,30 @@ class RunRegistry:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
-        self.client.log_batch(run_id, metrics=batch)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step or 0)
+                                               for k, v in metrics.items() if v is not None])
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Params the run does not have yet (a resumed run keeps its own); MLflow batches them."""
         from mlflow.entities import Param
 
         existing = self.client.get_run(run_id).data.params
-        fresh = [Param(k, v) for k, v in _clean(params).items() if k not in existing]
-        for i in range(0, len(fresh), 100):
-            self.client.log_batch(run_id, params=fresh[i:i + 100])
+        self.client.log_batch(run_id, params=[Param(k, v) for k, v in _clean(params).items() if k not in existing])
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        for key, value in _clean(tags).items():
-            self.client.set_tag(run_id, key, value)
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _clean(tags).items()])
 
     def log_manifests(self, run_id: str, frames: Mapping[str, Any], sources: Mapping[str, Path],
-                      *, task: str, digests: Mapping[str, str]) -> None:
-        """Each split manifest as an MLflow dataset input (context = split name)."""
+                      *, task: str, digests: Mapping[str, str], targets: str | None) -> None:
+        """Each split manifest as an MLflow dataset input (context = split name; ``targets``: its target column)."""
         import mlflow.data
         from mlflow.entities import DatasetInput, InputTag
 
         inputs = []
         for split, frame in frames.items():
-            dataset = mlflow.data.from_pandas(frame, source=str(sources[split]), targets="label",
+            dataset = mlflow.data.from_pandas(frame, source=str(sources[split]), targets=targets,
                                               name=f"{task}/{split}", digest=digests[split][:8])
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", split)]))
         self.client.log_inputs(run_id, datasets=inputs)

@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from transferbench.errors import DataError
-from transferbench.training.data import CachedImages, build_cache, eval_loader, read_manifests, train_loader
-from transferbench.training.tracking import MlflowTracker, RunRegistry
+from transferbench.engine.data import CachedImages, build_cache, eval_loader, read_manifests, train_loader
+from transferbench.engine.tasks import kind_for_task
+from transferbench.engine.tracking import MlflowTracker, RunRegistry
+
+
+def _kind(manifests):
+    from transferbench.config import TaskSettings
+
+    return kind_for_task(TaskSettings(dataset="synthetic", split={"rule": "random"}), manifests.summary)
 
 
 def test_tracker_nests_under_an_active_run_and_leaves_it_active(tmp_path):
@@ -37,14 +44,16 @@ def test_tracker_nests_under_an_active_run_and_leaves_it_active(tmp_path):
 def test_images_are_decoded_once_into_a_cache_keyed_by_the_manifest(toy_splits):
     manifests = read_manifests(toy_splits / "splits", "toy")
     cache_dir = toy_splits / "cache_test"
-    first = build_cache(manifests, "val", side=36, cache_dir=cache_dir)
+    kind = _kind(manifests)
+    first = build_cache(manifests, "val", kind=kind, side=36, cache_dir=cache_dir)
     stamp = os.stat(first).st_mtime_ns
-    assert build_cache(manifests, "val", side=36, cache_dir=cache_dir) == first and os.stat(first).st_mtime_ns == stamp
-    assert build_cache(manifests, "val", side=40, cache_dir=cache_dir) != first
+    assert build_cache(manifests, "val", kind=kind, side=36, cache_dir=cache_dir) == first
+    assert os.stat(first).st_mtime_ns == stamp
+    assert build_cache(manifests, "val", kind=kind, side=40, cache_dir=cache_dir) != first
     data = CachedImages(first, img_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, train=False)
     image, label, index = data[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32  # grayscale PNG -> 3 channels
-    assert manifests.classes[int(label)] == manifests.frame("val")["label"][0] and index == 0
+    assert kind.classes[int(label)] == manifests.frame("val")["label"][0] and index == 0
 
 
 def test_unknown_label_names_the_row(toy_splits, tmp_path):
@@ -56,14 +65,15 @@ def test_unknown_label_names_the_row(toy_splits, tmp_path):
     frame.loc[3, "label"] = "purple"
     frame.to_csv(root / "toy" / "test.csv", index=False)
     with pytest.raises(DataError, match=r"test.csv row 5: label 'purple'"):
-        build_cache(read_manifests(root, "toy"), "test", side=36, cache_dir=tmp_path / "cache")
+        manifests = read_manifests(root, "toy")
+        build_cache(manifests, "test", kind=_kind(manifests), side=36, cache_dir=tmp_path / "cache")
 
 
 def test_loader_processes_keep_the_sample_order_and_repeat_their_augmentations(toy_splits):
     """ray.loader_workers > 0: the seeded sampler still orders the epoch (it runs in the training
     process), and the augmentations drawn in the loader processes repeat with the same torch seed."""
-    cache = build_cache(read_manifests(toy_splits / "splits", "toy"), "train", side=36,
-                        cache_dir=toy_splits / "cache")
+    manifests = read_manifests(toy_splits / "splits", "toy")
+    cache = build_cache(manifests, "train", kind=_kind(manifests), side=36, cache_dir=toy_splits / "cache")
     data = CachedImages(cache, img_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, train=True, rotation_degrees=10.0,
                         hflip=True)
 

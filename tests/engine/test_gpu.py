@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from transferbench.training.finetune import run_finetune
+from transferbench.stages.finetune import run_finetune
 
 from .conftest import toy_settings
-from .test_ray_finetune import _child_runs, _stores
+from .test_ray_workers import _child_runs, _stores
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
               pytest.mark.usefixtures("ray_cluster")]

@@ -8,7 +8,7 @@ import sys
 
 # Each costs the controller import time at every run's start (~2.4 s together on 2 cores);
 # the worker imports them itself, through ray_worker.
-WORKER_LIBRARIES = ("torch", "torchvision", "timm", "sklearn", "matplotlib", "transferbench.training.ray_worker")
+WORKER_LIBRARIES = ("torch", "torchvision", "timm", "sklearn", "matplotlib", "transferbench.engine.ray_worker")
 
 
 def imported(statement: str, modules: tuple[str, ...]) -> list[str]:
@@ -20,9 +20,9 @@ def imported(statement: str, modules: tuple[str, ...]) -> list[str]:
 
 def test_the_module_ray_train_unpickles_imports_none_of_the_workers_libraries() -> None:
     # Ray Train's controller unpickles train_worker by importing its module.
-    assert imported("from transferbench.training.ray_trainer import train_worker", WORKER_LIBRARIES) == []
+    assert imported("from transferbench.engine.ray_driver import train_worker", WORKER_LIBRARIES) == []
 
 
-def test_the_finetune_driver_leaves_metrics_and_figures_to_the_worker() -> None:
-    # The driver needs torch and timm (the weights check), not scikit-learn or matplotlib (~1 s).
-    assert imported("import transferbench.training.finetune", ("sklearn", "matplotlib")) == []
+def test_the_finetune_stage_leaves_metrics_and_figures_to_the_worker() -> None:
+    # The stage needs torch and timm (the weights check), not scikit-learn or matplotlib (~1 s).
+    assert imported("import transferbench.stages.finetune", ("sklearn", "matplotlib")) == []

@@ -1,0 +1,272 @@
+"""What each training process runs: model, loaders, ``loop.fit`` with per-epoch checkpoints and
+metrics, then the best weights' val/test metrics, figures and model (rank 0 logs them).
+
+Started by ``ray_driver.train_worker`` in a Ray Train worker actor, or in the calling process in
+local mode (``ray.num_workers: 0``); the same code either way, with a local equivalent of what
+local mode does not provide: the device from ``ray.use_gpu``, the host as the node, the run
+directory as the checkpoint state, and pruning. Every task-specific step goes through the task
+kind (``spec.kind``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transferbench.engine import loop
+from transferbench.engine.checkpoints import latest_checkpoint, load_state, prune_checkpoints
+from transferbench.engine.curves import learning_curve_figure
+from transferbench.engine.data import CachedImages, eval_loader, train_loader
+from transferbench.engine.spec import FINAL_FILE, STATE_FILE, WORKER_ENV, WorkerSpec, checkpoint_name, per_worker_batch
+from transferbench.engine.tracking import MlflowTracker, NullTracker, Tracker
+from transferbench.models import build_model
+
+
+def _gather(obj: Any) -> list[Any]:
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+class _Tracking:
+    """Per-epoch metrics to the tracker (rank 0), after the epoch's checkpoint is written.
+
+    A resumed run logs each epoch once, with no gap: epochs the tracker already has (a run
+    killed after logging them) are not logged again, and epochs the resumed checkpoint holds
+    but the tracker lacks (killed between the checkpoint and the log) are logged on resume.
+    """
+
+    def __init__(self, tracker: Tracker, resumed_history: list[dict[str, float]] | None = None) -> None:
+        self.tracker = tracker
+        self.logged_through = tracker.last_logged_step("val_loss")  # 0 for a new run
+        for record in resumed_history or ():
+            self._log(record)
+
+    def _log(self, record: dict[str, float]) -> None:
+        epoch = int(record["epoch"])
+        if epoch > self.logged_through:
+            self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+            self.logged_through = epoch
+
+    def __call__(self, record: dict[str, float], session: loop.FitSession) -> bool:
+        self._log(record)
+        return False
+
+
+class _Checkpointing:
+    """Every epoch, the session's state as a Ray Train checkpoint, reported by every rank (written by rank 0).
+
+    The state is written straight into the run's directory on the (local or shared, mounted)
+    storage, where Ray Train keeps its checkpoints, as ``state.pt.tmp`` renamed to ``state.pt``
+    once complete, and reported without an upload (``CheckpointUploadMode.NO_UPLOAD``).
+    ``ray.storage_path`` is never a URI (``RaySettings`` rejects them), so the run directory is
+    the storage. In local mode Ray Train keeps no checkpoints: this hook prunes them as
+    ``CheckpointConfig`` would.
+    """
+
+    def __init__(self, spec: WorkerSpec, rank: int) -> None:
+        self.spec, self.rank = spec, rank
+
+    def __call__(self, record: dict[str, float], session: loop.FitSession) -> bool:
+        import ray.train
+        from ray.train import CheckpointUploadMode
+
+        name = checkpoint_name(int(record["epoch"]))
+        if self.rank != 0:
+            ray.train.report(dict(record), checkpoint=None, checkpoint_dir_name=name)
+            return False
+        directory = Path(self.spec.run_dir) / name
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f"{STATE_FILE}.tmp"  # a resumed epoch may find a killed attempt's file
+        torch.save(session.state_dict(), tmp)
+        os.replace(tmp, directory / STATE_FILE)
+        ray.train.report(dict(record), checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=name, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+        if self.spec.ray.local_mode:
+            selection = self.spec.kind.selection
+            prune_checkpoints(self.spec.run_dir, session.state.history, keep=self.spec.ray.checkpoints_to_keep,
+                              selection=selection.name, higher_is_better=selection.higher_is_better)
+        return False
+
+
+@contextlib.contextmanager
+def _deterministic() -> Iterator[None]:
+    """Deterministic algorithms (warn-only) and no cuDNN autotuning for the run, so that a rerun gives the same
+    metrics (the drift gate relies on it); the process's previous switches afterwards (local mode trains in the
+    caller's process). Not ``ray.train.torch.enable_reproducibility``: it reseeds differently and turns
+    deterministic algorithms on without ``warn_only``, which fails on ops that have no deterministic kernel."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark = previous[2]
+
+
+def hardware(device: torch.device, autocast: torch.dtype | None, channels_last: bool) -> dict[str, Any]:
+    """What rank 0 trained on, as it ran (not as configured): ``device`` (``cpu`` or the GPU's name),
+    ``precision`` (``bf16-autocast`` or ``fp32``) and ``channels_last``."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "precision": "bf16-autocast" if autocast == torch.bfloat16 else "fp32",
+            "channels_last": channels_last}
+
+
+def run(spec: WorkerSpec) -> None:
+    """One rank's whole fine-tune (the body of ``ray_driver.train_worker``)."""
+    with _deterministic():
+        _run(spec)
+
+
+def _run(spec: WorkerSpec) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    settings = spec.ray
+    if settings.local_mode:  # no worker_runtime_env in local mode; cuBLAS reads this when CUDA starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", WORKER_ENV["CUBLAS_WORKSPACE_CONFIG"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    # Local mode's get_device() is CUDA whenever CUDA exists: ray.use_gpu decides here.
+    device = ray.train.torch.get_device() if settings.use_gpu else torch.device("cpu")
+    loop.seed_everything(spec.seed)
+    on_gpu = settings.use_gpu and device.type == "cuda"
+    autocast = torch.bfloat16 if on_gpu and settings.mixed_precision else None
+    channels_last = on_gpu and settings.channels_last and spec.backbone.family == "convnet"
+
+    protocol, kind = spec.protocol, spec.kind
+    model = build_model(spec.backbone, img_size=spec.img_size, head=lambda n: kind.head(n, protocol))
+    if protocol.mode == "linear_probe":  # before DDP, so DDP only syncs the head
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # Warm-up freezes the backbone for some iterations: DDP must tolerate unused parameters.
+    ddp_kwargs = {"find_unused_parameters": True} if protocol.mode == "full" and protocol.warmup_iters else None
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
+    # Which node each rank runs on (rank order), for the run's record: on a cluster the workers of
+    # one run may sit on different machines, and change after a node is lost. Local mode: the host.
+    node = f"local:{socket.gethostname()}" if settings.local_mode else ray.get_runtime_context().get_node_id()
+    nodes = [str(n) for n in _gather(node)]
+
+    def dataset(split: str, train: bool) -> CachedImages:
+        return CachedImages(spec.cache_files[split], img_size=spec.img_size, mean=spec.input_spec.mean,
+                            std=spec.input_spec.std, train=train, rotation_degrees=protocol.rotation_degrees,
+                            hflip=protocol.hflip)
+
+    prepare = ray.train.torch.prepare_data_loader
+    # finetune.batch_size is the global batch (the paper's 32): each of the N workers takes 1/N of it,
+    # so N workers take the same optimiser steps per epoch, and warm-up iterations mean the same.
+    processes = {"workers": settings.loader_workers, "pin_memory": on_gpu}
+    train = prepare(train_loader(dataset("train", True), batch_size=per_worker_batch(protocol.batch_size, world),
+                                 seed=spec.seed, rank=rank, world_size=world, **processes), add_dist_sampler=False)
+    val = prepare(eval_loader(dataset("val", False), batch_size=protocol.eval_batch_size, rank=rank,
+                              world_size=world, **processes), add_dist_sampler=False)
+    test = prepare(eval_loader(dataset("test", False), batch_size=protocol.eval_batch_size, rank=rank,
+                               world_size=world), add_dist_sampler=False)
+
+    resume = None
+    if settings.local_mode:  # local mode keeps no checkpoint state across processes: the run directory does
+        resume = latest_checkpoint(spec.run_dir)
+    elif (checkpoint := ray.train.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as directory:
+            resume = load_state(directory)
+
+    tracker: Tracker = (MlflowTracker(tracking_uri=spec.tracking_uri, run_id=spec.mlflow_run_id,
+                                      system_metrics=spec.tracking.system_metrics) if rank == 0 else NullTracker())
+    hooks: list[loop.EpochHook] = [_Checkpointing(spec, rank),
+                                   _Tracking(tracker, resume["loop"]["history"] if resume else None)]
+    try:
+        session = loop.fit(model, kind=kind, train_loader=train, val_loader=val, protocol=protocol, seed=spec.seed,
+                           device=device, hooks=hooks, resume=resume, gather=_gather, rank=rank, autocast=autocast,
+                           channels_last=channels_last)
+        _finish(spec, session, model, val=val, test=test, device=device, rank=rank, tracker=tracker,
+                autocast=autocast, channels_last=channels_last, nodes=nodes)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into this): a rerun resumes the run
+        tracker.close("KILLED")
+        raise
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    tracker.close("FINISHED")
+
+
+def _finish(spec: WorkerSpec, session: loop.FitSession, model: torch.nn.Module, *, val: Any, test: Any,
+            device: torch.device, rank: int, tracker: Tracker, autocast: torch.dtype | None,
+            channels_last: bool, nodes: list[str]) -> None:
+    """Best weights -> val/test metrics, figures, predictions and the model, logged by rank 0."""
+    import ray.train
+
+    state, kind = session.state, spec.kind
+    best = session.best_model_state
+    if best is None:  # the best epoch predates a resume: its checkpoint is kept (best by the selection metric)
+        best = load_state(Path(spec.run_dir) / checkpoint_name(state.best_epoch))["model"]
+    task_model = loop.unwrap(model)
+    task_model.load_state_dict(best)
+    outputs = {}
+    for split, loader in (("val", val), ("test", test)):
+        predicted, targets, _ = loop.predict(model, loader, device=device, gather=_gather, autocast=autocast,
+                                             channels_last=channels_last)
+        outputs[split] = (predicted, targets, kind.evaluate(predicted, targets))
+    best_record = loop.best_record(state.history, state.best_epoch)
+    final: dict[str, Any] = {
+        "best_epoch": state.best_epoch, "epochs_run": state.epoch, "best_val_loss": best_record["val_loss"],
+        "selection": f"val_{kind.selection.name}", "stop_reason": state.stop_reason,
+        "resumed_at_epochs": list(state.resumed_at_epochs), "history": state.history, "world_size": len(nodes),
+        "worker_nodes": nodes, **hardware(device, autocast, channels_last),
+    }
+    for split, (_, _, values) in outputs.items():
+        final.update({f"{split}_{k}": v for k, v in values.items()})
+    if rank == 0:
+        _log_outcome(spec, final, outputs, task_model, tracker)
+        tmp = Path(spec.run_dir) / f"{FINAL_FILE}.tmp"
+        tmp.write_text(json.dumps(final, indent=2))
+        os.replace(tmp, Path(spec.run_dir) / FINAL_FILE)
+    selection = f"val_{kind.selection.name}"
+    ray.train.report({selection: best_record[selection], "done": 1.0}, checkpoint=None)
+
+
+def _log_outcome(spec: WorkerSpec, final: dict[str, Any], outputs: dict[str, Any], task_model: torch.nn.Module,
+                 tracker: Tracker) -> None:
+    kind = spec.kind
+    tracker.log_metrics({k: v for k, v in final.items()
+                         if k.startswith(("val_", "test_")) and isinstance(v, float)})
+    tracker.log_metrics({"best_epoch": final["best_epoch"], "epochs_run": final["epochs_run"]})
+    tracker.set_tags({"transferbench.stop_reason": final["stop_reason"],
+                      "transferbench.resumed_at_epochs": ",".join(map(str, final["resumed_at_epochs"])) or "-",
+                      "transferbench.world_size": final["world_size"],
+                      "transferbench.device": final["device"], "transferbench.precision": final["precision"],
+                      "transferbench.channels_last": str(final["channels_last"]).lower(),
+                      "transferbench.ray_nodes": len(set(final["worker_nodes"]))})
+    title = (f"{spec.task} / {spec.backbone_name} ({spec.backbone.family}, weights: {spec.backbone.weights}"
+             f"{', RANDOM INIT' if spec.backbone.weights == 'none' else ''}) seed {spec.seed}")
+    with tempfile.TemporaryDirectory() as tmp:
+        test_outputs, test_targets, _ = outputs["test"]
+        for figure in kind.figures(test_outputs, test_targets, Path(tmp), title=title):
+            tracker.log_artifact(figure, "plots")
+        tracker.log_artifact(learning_curve_figure(final["history"], Path(tmp) / "learning_curve.png",
+                                                   statistic=kind.train_statistic, title=title), "plots")
+        predictions = Path(tmp) / "test_predictions.csv"
+        kind.prediction_table(spec.filenames["test"], test_outputs, test_targets).to_csv(predictions, index=False)
+        tracker.log_artifact(predictions, "predictions")
+    if spec.tracking.log_model:
+        cpu_model = task_model.to("cpu").eval()
+        cached = CachedImages(spec.cache_files["val"], img_size=spec.img_size, mean=spec.input_spec.mean,
+                              std=spec.input_spec.std, train=False)
+        example = torch.stack([cached[i][0] for i in range(min(2, len(cached)))]).numpy()
+        with torch.no_grad():
+            output = cpu_model(torch.from_numpy(example)).numpy()
+        tracker.log_model(cpu_model, input_example=example, output_example=output)

@@ -1,0 +1,41 @@
+"""Stage ``compare``: the paper's rank tables, and (``--baseline``) the drift gate.
+
+Per task each backbone's mean ± std over seeds and its rank, per-family average ranks and the
+Friedman/Nemenyi analysis -> ``<data.reports_dir>/rank_table.{md,csv,json}`` and figures. With a
+baseline, the new table is compared with it and the learning floors are checked
+(``evaluation.drift``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from transferbench.config import Settings
+from transferbench.evaluation import drift
+from transferbench.evaluation.ranking import rank_table
+from transferbench.evaluation.reports import write_rank_reports
+from transferbench.evaluation.study import study_results, task_metrics
+
+
+@dataclass(frozen=True)
+class Comparison:
+    paths: dict[str, Path]
+    drift_report: str | None = None  # Markdown, when a baseline was given
+    drift: bool = False
+
+
+def run(settings: Settings, *, baseline: str | Path | None = None) -> Comparison:
+    """Write the rank reports; with ``baseline`` (a rank-table JSON) also gate them against it."""
+    previous = drift.load_rank_table(baseline) if baseline is not None else None  # a bad baseline fails first
+    study = settings.study
+    table = rank_table(study_results(settings), study=study.name, task_metrics=task_metrics(settings),
+                       backbones={b: settings.backbone(b) for b in study.backbones}, alpha=settings.compare.alpha)
+    paths = write_rank_reports(table, Path(settings.data.reports_dir))
+    if previous is None:
+        return Comparison(paths)
+    tolerance = settings.compare.metric_tolerance
+    changes = drift.compare_rank_tables(previous, table, tolerance=tolerance)
+    changes += drift.check_learning_floors(table, settings.compare.learning_floors)
+    return Comparison(paths, drift.drift_markdown(changes, baseline=str(baseline), tolerance=tolerance),
+                      drift.has_drift(changes))

@@ -1,0 +1,55 @@
+"""Stage ``finetune@<task>-<backbone>``: fine-tune one backbone on one task, once per seed.
+
+Builds the pieces and calls them: the task's inputs (manifests, task kind, the probed backbone,
+the image caches), the MLflow run registry, then one Ray Train run per seed
+(``engine.finetune.run_seed``: its own MLflow child run, metrics JSON and learning curve). The
+seeds run one after another in this process, so its start-up (importing torch, timm, MLflow and
+Ray Train) is paid once per stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from transferbench.config import ConfigError, RaySettings, Settings, build
+from transferbench.engine.finetune import Job, run_seed
+from transferbench.engine.inputs import prepare_inputs
+from transferbench.engine.tasks import task_metric
+from transferbench.engine.tracking import RunRegistry
+from transferbench.errors import TransferbenchError
+
+
+def job_for(settings: Settings, task: str, backbone: str, *, num_workers: int | None = None) -> Job:
+    """The (task, backbone)'s sections; ``num_workers`` overrides ``ray.num_workers`` (``--workers``)."""
+    task_settings = settings.task(task)
+    task_metric(task_settings, key=f"tasks.{task}.metric")  # a metric the task's kind does not have fails here
+    ray = settings.ray
+    if num_workers is not None:  # N workers (elastic down to min(min_workers, N) if set); 0: local mode
+        floor = None if ray.min_workers is None or num_workers == 0 else min(ray.min_workers, num_workers)
+        try:
+            ray = build(RaySettings, {**ray.model_dump(), "num_workers": num_workers, "min_workers": floor})
+        except ConfigError as exc:
+            raise TransferbenchError(f"--workers {num_workers}: {exc}") from None
+    return Job(study=settings.study.name, task=task, task_settings=task_settings, backbone_name=backbone,
+               backbone=settings.backbone(backbone), protocol=settings.finetune_for(backbone), ray=ray,
+               tracking=settings.tracking)
+
+
+def run(settings: Settings, *, task: str, backbone: str, seeds: Sequence[int] = (), num_workers: int | None = None,
+        metrics_dir: str | Path | None = None, plots_dir: str | Path = "plots/finetune",
+        fresh: bool = False) -> list[dict[str, Any]]:
+    """Every seed of ``seeds`` (default ``study.seeds``); returns their metrics JSONs."""
+    job = job_for(settings, task, backbone, num_workers=num_workers)
+    inputs = prepare_inputs(settings.data, task, job.task_settings, job.backbone, job.protocol)
+    registry = RunRegistry.from_settings(settings.tracking)
+    return [run_seed(job, inputs, registry, seed=seed, metrics_dir=metrics_dir or settings.compare.metrics_dir,
+                     plots_dir=plots_dir, fresh=fresh)
+            for seed in seeds or settings.study.seeds]
+
+
+def run_finetune(settings: Settings, *, task: str, backbone: str, seed: int, **options: Any) -> dict[str, Any]:
+    """One seed's fine-tune (``run`` with ``seeds=[seed]``)."""
+    (result,) = run(settings, task=task, backbone=backbone, seeds=[seed], **options)
+    return result
