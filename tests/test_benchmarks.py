@@ -173,3 +173,14 @@ def test_stage_cost_phases_of_a_real_finetune_stage_add_up_to_its_wall_time() ->
     for phase in ("imports", "mlflow", "training", "checkpoints", "evaluation", "model_logging"):
         assert run[phase] > 0, (phase, run)
     assert result["fixed_per_run_s"]["median"] == pytest.approx(run["wall"] - run["training"])
+
+
+def test_determinism_times_the_same_step_with_the_switch_off_and_on_and_restores_it() -> None:
+    import torch
+
+    from benchmarks import determinism
+
+    before = torch.are_deterministic_algorithms_enabled()
+    result = determinism.measure("test_resnet", img_size=32, batch=4, steps=1, pairs=2, threads=1)
+    assert len(result["off_ips"]) == len(result["on_ips"]) == 2 and result["on_over_off"] > 0
+    assert torch.are_deterministic_algorithms_enabled() == before
