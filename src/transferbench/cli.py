@@ -172,12 +172,10 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
 def _finetune(args: argparse.Namespace) -> int:
     from transferbench.stages import finetune
 
-    settings = load_settings(args.params)
-    job = finetune.job_for(settings, args.task, args.backbone, num_workers=args.workers)  # bad input fails first
-    for result in finetune.run(settings, task=args.task, backbone=args.backbone, seeds=args.seeds or (),
-                               num_workers=args.workers, metrics_dir=args.metrics_dir, plots_dir=args.plots_dir,
-                               fresh=args.fresh):
-        print(f"{job.task}/{job.backbone_name}/seed{result['seed']} ({result['weights_label']}): "
+    for result in finetune.each_seed(load_settings(args.params), task=args.task, backbone=args.backbone,
+                                     seeds=args.seeds or (), num_workers=args.workers, metrics_dir=args.metrics_dir,
+                                     plots_dir=args.plots_dir, fresh=args.fresh):
+        print(f"{args.task}/{args.backbone}/seed{result['seed']} ({result['weights_label']}): "
               f"test {result['metric']} {result['test_score']:.4f}, best epoch {result['best_epoch']}/"
               f"{result['epochs_run']}, mlflow run {result['mlflow_run_id']}", flush=True)
     return 0

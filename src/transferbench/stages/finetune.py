@@ -9,7 +9,7 @@ Ray Train) is paid once per stage.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +37,21 @@ def job_for(settings: Settings, task: str, backbone: str, *, num_workers: int | 
                tracking=settings.tracking)
 
 
-def run(settings: Settings, *, task: str, backbone: str, seeds: Sequence[int] = (), num_workers: int | None = None,
-        metrics_dir: str | Path | None = None, plots_dir: str | Path = "plots/finetune",
-        fresh: bool = False) -> list[dict[str, Any]]:
-    """Every seed of ``seeds`` (default ``study.seeds``); returns their metrics JSONs."""
+def each_seed(settings: Settings, *, task: str, backbone: str, seeds: Sequence[int] = (),
+              num_workers: int | None = None, metrics_dir: str | Path | None = None,
+              plots_dir: str | Path = "plots/finetune", fresh: bool = False) -> Iterator[dict[str, Any]]:
+    """Fine-tune every seed of ``seeds`` (default ``study.seeds``), yielding each one's metrics JSON when it is done."""
     job = job_for(settings, task, backbone, num_workers=num_workers)
     inputs = prepare_inputs(settings.data, task, job.task_settings, job.backbone, job.protocol)
     registry = RunRegistry.from_settings(settings.tracking)
-    return [run_seed(job, inputs, registry, seed=seed, metrics_dir=metrics_dir or settings.compare.metrics_dir,
-                     plots_dir=plots_dir, fresh=fresh)
-            for seed in seeds or settings.study.seeds]
+    for seed in seeds or settings.study.seeds:
+        yield run_seed(job, inputs, registry, seed=seed, metrics_dir=metrics_dir or settings.compare.metrics_dir,
+                       plots_dir=plots_dir, fresh=fresh)
+
+
+def run(settings: Settings, *, task: str, backbone: str, **options: Any) -> list[dict[str, Any]]:
+    """Every seed's metrics JSON (``each_seed``, run to the end)."""
+    return list(each_seed(settings, task=task, backbone=backbone, **options))
 
 
 def run_finetune(settings: Settings, *, task: str, backbone: str, seed: int, **options: Any) -> dict[str, Any]:
