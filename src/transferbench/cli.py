@@ -43,8 +43,9 @@ def _check_params(args: argparse.Namespace) -> int:
     settings = load_settings(args.params)
     if not args.quiet:
         print(f"{args.params}: ok (study {settings.study.name!r}: "
-              f"{len(settings.study.tasks)} tasks x {len(settings.study.backbones)} backbones x "
-              f"{len(settings.study.seeds)} seeds)")
+              f"{len(settings.study.tasks)} trained tasks x {len(settings.study.backbones)} backbones, "
+              f"{sum(len(settings.modes_of(t)) * len(settings.seeds_of(t)) for t in settings.study.tasks)} "
+              f"mode x seed runs per backbone; {len(settings.study.retrieval_tasks)} retrieval tasks)")
     return 0
 
 
@@ -121,16 +122,17 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset", nargs="?", default="synthetic", choices=["synthetic"],
+    parser.add_argument("dataset", nargs="?", default="synthetic",
+                        choices=["synthetic", "synthetic_age", "synthetic_retrieval"],
                         help="the dataset to generate (default: %(default)s)")
 
 
-@command("generate", "generate the synthetic dataset under data.generated_dir (deterministic; stage "
-         "generate_synthetic)", _generate_arguments)
+@command("generate", "generate a synthetic dataset under data.generated_dir (deterministic; stage "
+         "generate_synthetic@<dataset>)", _generate_arguments)
 def _generate(args: argparse.Namespace) -> int:
     from transferbench.stages import generate_synthetic
 
-    print(generate_synthetic.run(load_settings(args.params)))
+    print(generate_synthetic.run(load_settings(args.params), args.dataset))
     return 0
 
 
@@ -158,6 +160,8 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, action="append", dest="seeds", metavar="SEED",
                         help="a training seed; repeat for several (default: every seed of study.seeds, one after "
                              "another in this process, each its own MLflow run, metrics JSON and curve)")
+    parser.add_argument("--mode", action="append", dest="modes", choices=("full", "linear_probe"),
+                        help="a training mode; repeat for both (default: the task's modes, else study.modes)")
     parser.add_argument("--workers", type=int, default=None,
                         help="override ray.num_workers (0: Ray Train local mode; the effective value is logged to "
                              "MLflow)")
@@ -167,17 +171,40 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plots-dir", default="plots/finetune", help="default: %(default)s")
 
 
-@command("finetune", "fine-tune one backbone on one task, seed by seed (Ray Train, tracked in MLflow)",
+@command("finetune", "train one backbone on one task, mode by mode and seed by seed (Ray Train, tracked in MLflow)",
          _finetune_arguments)
 def _finetune(args: argparse.Namespace) -> int:
     from transferbench.stages import finetune
 
     for result in finetune.each_seed(load_settings(args.params), task=args.task, backbone=args.backbone,
-                                     seeds=args.seeds or (), num_workers=args.workers, metrics_dir=args.metrics_dir,
+                                     seeds=args.seeds or (), modes=args.modes or (), num_workers=args.workers,
+                                     metrics_dir=args.metrics_dir,
                                      plots_dir=args.plots_dir, fresh=args.fresh):
-        print(f"{args.task}/{args.backbone}/seed{result['seed']} ({result['weights_label']}): "
+        print(f"{args.task}/{args.backbone}/{result['mode']}/seed{result['seed']} ({result['weights_label']}): "
               f"test {result['metric']} {result['test_score']:.4f}, best epoch {result['best_epoch']}/"
               f"{result['epochs_run']}, mlflow run {result['mlflow_run_id']}", flush=True)
+    return 0
+
+
+def _retrieve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", required=True, help="a retrieval task under params.yaml tasks")
+    parser.add_argument("--backbone", required=True, help="backbone name under params.yaml backbones")
+    parser.add_argument("--plots-dir", default="plots/retrieval", help="default: %(default)s")
+
+
+@command("retrieve", "unsupervised retrieval with one backbone's features (no training, no seeds): mAP on the "
+         "Oxford protocol, tracked in MLflow", _retrieve_arguments)
+def _retrieve(args: argparse.Namespace) -> int:
+    from transferbench.stages import retrieve
+
+    settings = load_settings(args.params)
+    if settings.task(args.task).kind != "retrieval":
+        raise TransferbenchError(f"retrieve --task {args.task}: a {settings.task(args.task).kind} task; "
+                                 "retrieve runs tasks of kind retrieval (use finetune)")
+    result = retrieve.run(settings, task=args.task, backbone=args.backbone, plots_dir=args.plots_dir)
+    print(f"{args.task}/{args.backbone} ({result['weights_label']}): test mAP {result['test_map']:.4f} "
+          f"(random ranking {result['baseline_score']:.4f}; {result['n_queries']} queries, "
+          f"{result['n_database']} images), mlflow run {result['mlflow_run_id']}", flush=True)
     return 0
 
 
@@ -248,7 +275,7 @@ def _with_ray(args: argparse.Namespace) -> int:
 
 
 # --help lists the stages in the order the pipeline runs them.
-PIPELINE_ORDER = ("fetch", "generate", "split", "validate", "finetune", "sensitivity", "sensitivity-report",
+PIPELINE_ORDER = ("fetch", "generate", "split", "validate", "finetune", "retrieve", "sensitivity", "sensitivity-report",
                   "register", "compare", "with-ray", "check-params")
 
 

@@ -40,6 +40,13 @@ PositiveFloat = Annotated[float, Strict(), Field(gt=0)]
 Fraction = Annotated[float, Strict(), Field(ge=0, le=1)]
 
 
+# How a task's backbone is trained: the whole network, or a linear head on the frozen backbone (the
+# paper's linear evaluation). A study dimension: study.modes, or a task's own modes.
+Mode = Literal["full", "linear_probe"]
+# The paper's tables (PROTOCOL.md, "Paper tables by task group"); linear evaluation is a group of its own.
+Group = Literal["fine-grained", "scene", "open-domain", "in-domain", "face", "retrieval"]
+
+
 def invalid(key: str, message: str) -> PydanticCustomError:
     """A cross-field rule's failure, for ``key`` (relative to the model that checks it)."""
     return PydanticCustomError("transferbench", "{message}", {"key": key, "message": message})
@@ -53,21 +60,29 @@ class Section(BaseModel):
 
 # --------------------------------------------------------------------------- study
 class StudySettings(Section):
-    """Which tasks x backbones x seeds the study runs (PROTOCOL.md: 3 seeds, mean reported)."""
+    """Which tasks x backbones x modes x seeds the study runs (PROTOCOL.md: 3 seeds, mean reported)."""
 
     name: Str
+    # Tasks whose backbones are trained (fine-tuned or linearly probed), one stage per task x backbone.
     tasks: tuple[Str, ...]
     backbones: tuple[Str, ...]
     seeds: tuple[NonNegInt, ...] = (0, 1, 2)
+    # Training modes of every task that lists none of its own (tasks.<task>.modes).
+    modes: tuple[Mode, ...] = ("full",)
+    # Tasks of kind retrieval: features of the backbones as they are, no training, no seeds.
+    retrieval_tasks: tuple[Str, ...] = ()
 
     @model_validator(mode="after")
     def _non_empty_and_unique(self) -> StudySettings:
-        for key in ("tasks", "backbones", "seeds"):
+        for key in ("tasks", "backbones", "seeds", "modes", "retrieval_tasks"):
             items = getattr(self, key)
-            if not items:
+            if not items and key != "retrieval_tasks":
                 raise invalid(key, "must list at least one entry")
             if len(set(items)) != len(items):
                 raise invalid(key, f"entries must be unique, got {list(items)}")
+        both = set(self.tasks) & set(self.retrieval_tasks)
+        if both:
+            raise invalid("retrieval_tasks", f"{sorted(both)} also listed in study.tasks")
         return self
 
 
@@ -97,6 +112,27 @@ class SyntheticSettings(Section):
         return self
 
 
+class SyntheticAgeSettings(Section):
+    """The generated age task of the smoke study (transferbench.data.synthetic_age): the age drawn into the image."""
+
+    individuals: Annotated[int, Strict(), Field(ge=3)] = 24
+    images_per_individual: PositiveInt = 6
+    max_age: PositiveInt = 69
+    image_size: Annotated[int, Strict(), Field(ge=16, le=512)] = 64
+    seed: NonNegInt = 0
+
+
+class SyntheticRetrievalSettings(Section):
+    """The generated retrieval task (transferbench.data.synthetic_retrieval), in Oxford5k's layout."""
+
+    landmarks: Annotated[int, Strict(), Field(ge=2)] = 5
+    views_per_landmark: Annotated[int, Strict(), Field(ge=2)] = 8
+    queries_per_landmark: PositiveInt = 2
+    distractors: NonNegInt = 20
+    image_size: Annotated[int, Strict(), Field(ge=16, le=512)] = 64
+    seed: NonNegInt = 0
+
+
 class DataSettings(Section):
     """Where raw data, generated data, split manifests and reports live (all git-ignored paths)."""
 
@@ -114,6 +150,8 @@ class DataSettings(Section):
     # case-insensitively). The geographic split assigns regions, never raw countries.
     regions: dict[Str, tuple[Str, ...]] = {}
     synthetic: SyntheticSettings = SyntheticSettings()
+    synthetic_age: SyntheticAgeSettings = SyntheticAgeSettings()
+    synthetic_retrieval: SyntheticRetrievalSettings = SyntheticRetrievalSettings()
 
     @model_validator(mode="after")
     def _one_region_per_country(self) -> DataSettings:
@@ -192,16 +230,56 @@ class SplitSettings(Section):
         return self
 
 
+class AgeSettings(Section):
+    """Age estimation (PROTOCOL.md, "Age estimation: FG-NET"; Pan et al. 2018's mean-variance loss)."""
+
+    max_age: PositiveInt = 69  # the softmax is over the integer ages 0..max_age
+    # loss = cross-entropy + lambda_mean * (m - y)^2 / 2 + lambda_var * v, with m and v the softmax's mean
+    # and variance over the ages
+    lambda_mean: Annotated[float, Strict(), Field(ge=0)] = 0.2
+    lambda_var: Annotated[float, Strict(), Field(ge=0)] = 0.05
+    # augmentation: random affine with this rotation (degrees, either way) and x-shear
+    rotation_degrees: Annotated[float, Strict(), Field(ge=0, le=180)] = 10.0
+    shear_degrees: Annotated[float, Strict(), Field(ge=0, lt=90)] = 12.0
+
+
+class RetrievalSettings(Section):
+    """Unsupervised retrieval (PROTOCOL.md, "Unsupervised retrieval: Oxford5k")."""
+
+    # A query's feature: of its whole image (the paper), or of the image cropped to its bounding box.
+    query: Literal["image", "bbox"] = "image"
+    # Images are resized to this multiple of the backbone's input side (256 for 224), then centre-cropped.
+    resize_ratio: Annotated[float, Strict(), Field(ge=1, le=2)] = 256 / 224
+
+
 class TaskSettings(Section):
     """One downstream task: its kind, which dataset it reads, which rows it keeps and how it is split."""
 
     dataset: Str
-    split: SplitSettings
+    # Required for the trained kinds; a retrieval task is not split (its queries are the dataset's).
+    split: SplitSettings | None = None
     # The task kind (transferbench.engine.tasks): what a target is, the head, loss and metrics.
-    kind: Literal["classification"] = "classification"
+    kind: Literal["classification", "age", "retrieval"] = "classification"
     # Metric used for model selection and ranking (one of the task kind's metrics).
     metric: Str = "accuracy"
+    # The paper's table the task belongs to (rank tables by group); null: a group of its own.
+    group: Group | None = None
+    # The task's own seeds and training modes; null: study.seeds, study.modes.
+    seeds: tuple[NonNegInt, ...] | None = None
+    modes: tuple[Mode, ...] | None = None
     options: TaskOptions = TaskOptions()
+    age: AgeSettings = AgeSettings()
+    retrieval: RetrievalSettings = RetrievalSettings()
+
+    @model_validator(mode="after")
+    def _split_seeds_modes(self) -> TaskSettings:
+        if self.kind != "retrieval" and self.split is None:
+            raise invalid("split", f"a task of kind {self.kind!r} needs a split rule")
+        for key in ("seeds", "modes"):
+            items = getattr(self, key)
+            if items is not None and (not items or len(set(items)) != len(items)):
+                raise invalid(key, f"must list unique entries, at least one (or null), got {list(items)}")
+        return self
 
 
 # --------------------------------------------------------------------------- models
@@ -360,8 +438,10 @@ class CompareSettings(Section):
     alpha: Annotated[float, Strict(), Field(gt=0, lt=1)] = 0.05
     # Learning floors of the drift gate: task -> the score the best backbone of EVERY family must
     # reach on it (at most, for lower-is-better metrics), so a study that stopped learning fails the
-    # gate by name instead of showing only as rank "drift". Empty: no floor.
-    learning_floors: dict[Str, Float] = {}
+    # gate by name instead of showing only as rank "drift". "trivial": beat the evaluation's trivial
+    # baseline (predicting the training mean for age, a random ranking for retrieval). Keys are
+    # evaluations: <task> (full fine-tuning, or retrieval) or <task>:linear_probe. Empty: no floor.
+    learning_floors: dict[Str, Float | Literal["trivial"]] = {}
 
 
 # --------------------------------------------------------------------------- tuning
@@ -465,16 +545,31 @@ class Settings(Section):
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
+        if "mode" in self.finetune.model_fields_set:
+            raise invalid("finetune.mode", "the training mode is a study dimension: set study.modes (or a task's "
+                                           "tasks.<task>.modes)")
+        for name in self.study.retrieval_tasks:
+            if name not in self.tasks:
+                raise invalid("study.retrieval_tasks", f"{name!r} is not defined under 'tasks'; allowed values: "
+                                                       f"{', '.join(sorted(self.tasks))}")
+            if self.tasks[name].kind != "retrieval":
+                raise invalid("study.retrieval_tasks", f"{name!r} is a {self.tasks[name].kind} task, not retrieval")
+        for name in (*self.study.tasks, *self.sensitivity.tasks):
+            if name in self.tasks and self.tasks[name].kind == "retrieval":
+                raise invalid(f"tasks.{name}.kind", "a retrieval task trains nothing: list it under "
+                                                    "study.retrieval_tasks, not study.tasks or sensitivity.tasks")
         for section in ("study", "sensitivity"):
             for key, catalogue in (("tasks", self.tasks), ("backbones", self.backbones)):
                 for name in getattr(getattr(self, section), key):
                     if name not in catalogue:
                         raise invalid(f"{section}.{key}", f"{name!r} is not defined under '{key}'; allowed values: "
                                                           f"{', '.join(sorted(catalogue))}")
-        for name in self.compare.learning_floors:
-            if name not in self.tasks:
-                raise invalid(f"compare.learning_floors.{name}", f"{name!r} is not defined under 'tasks'; "
-                                                                 f"allowed values: {', '.join(sorted(self.tasks))}")
+        for name in self.compare.learning_floors:  # a task, or <task>:<mode> for one of its modes
+            task, _, mode = name.partition(":")
+            if task not in self.tasks or mode not in ("", *Mode.__args__):
+                raise invalid(f"compare.learning_floors.{name}", f"{name!r} is not a task under 'tasks' (or "
+                                                                 f"<task>:{'|'.join(Mode.__args__)}); tasks: "
+                                                                 f"{', '.join(sorted(self.tasks))}")
         if self.finetune.hyperparameters == "tuned":
             for name in self.study.backbones:
                 if self.backbones[name].tuned is None:
@@ -482,6 +577,8 @@ class Settings(Section):
                                   "set it from reports/sensitivity/<task>/best_params.json "
                                   "(`transferbench sensitivity-report`)")
         for name, task in self.tasks.items():
+            if task.split is None:
+                continue
             rule = task.split.geographic
             for key in ("train_regions", "val_regions"):
                 unknown = [r for r in getattr(rule, key) if r not in self.data.regions]
@@ -499,6 +596,20 @@ class Settings(Section):
         if name not in self.backbones:
             raise ConfigError(f"unknown backbone {name!r}; defined backbones: {', '.join(sorted(self.backbones))}")
         return self.backbones[name]
+
+    def seeds_of(self, task: str) -> tuple[int, ...]:
+        """The task's seeds (``tasks.<task>.seeds``, else ``study.seeds``); a retrieval task has one run, seed 0."""
+        settings = self.task(task)
+        if settings.kind == "retrieval":
+            return (0,)
+        return settings.seeds if settings.seeds is not None else self.study.seeds
+
+    def modes_of(self, task: str) -> tuple[str, ...]:
+        """The task's training modes (``tasks.<task>.modes``, else ``study.modes``); ``frozen`` for retrieval."""
+        settings = self.task(task)
+        if settings.kind == "retrieval":
+            return ("frozen",)
+        return settings.modes if settings.modes is not None else self.study.modes
 
     def presets(self) -> dict[str, tuple[str, ...]]:
         """Preset name -> backbone names, in catalogue order (what tests and benchmarks iterate)."""

@@ -113,7 +113,7 @@ def test_an_interrupted_repro_leaves_no_process_and_a_rerun_resumes_the_run(toy_
     rerun = _with_ray(root, env)
     out, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, out[-6000:]
-    result = json.loads((root / "metrics" / "toy" / "test_resnet" / "seed0.json").read_text())
+    result = json.loads((root / "metrics" / "toy" / "test_resnet" / "full" / "seed0.json").read_text())
     # From a checkpoint, not from scratch: the one Ray Train had registered, which may lag the newest
     # directory on disk by an epoch.
     assert result["resumed_at_epochs"] and result["resumed_at_epochs"][0] >= 1

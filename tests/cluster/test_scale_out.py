@@ -73,7 +73,7 @@ def _finished(process: subprocess.Popen, timeout: float = 600) -> str:
 
 
 def _result(tmp: Path) -> dict:
-    return json.loads((tmp / "metrics" / "toy" / "test_resnet" / "seed0.json").read_text())
+    return json.loads((tmp / "metrics" / "toy" / "test_resnet" / "full" / "seed0.json").read_text())
 
 
 def _children(uri: str, study: str = "toy-study") -> list:
@@ -100,7 +100,7 @@ def _await_checkpoint(storage: Path, process: subprocess.Popen, epoch: int) -> N
 
 def _last_checkpoint(storage: Path) -> int:
     """The highest epoch among the toy run's checkpoint directories now on disk (0: none)."""
-    return max((int(p.name.split("_")[1]) for p in storage.glob("toy.test_resnet.seed0.*/epoch_*")), default=0)
+    return max((int(p.name.split("_")[1]) for p in storage.glob("toy.test_resnet.full.seed0.*/epoch_*")), default=0)
 
 
 # --------------------------------------------------------------------------- (a)

@@ -18,6 +18,10 @@ from transferbench.data import flowers102
 from transferbench.data.fetch import RemoteFile
 from transferbench.data.registry import REQUIRED_COLUMNS, get_dataset, list_datasets
 from transferbench.errors import DataError
+# The newer adapters' upstream layouts are built by their own test modules.
+from data.test_oxford5k import build_oxford5k  # noqa: F401
+from data.test_wikiart import build_wikiart  # noqa: F401
+from engine.test_age import build_fgnet  # noqa: F401
 
 
 def _jpeg(path: Path) -> None:
@@ -76,6 +80,18 @@ def build_synthetic(root: Path) -> dict:
     from transferbench.data.synthetic import generate
     generate(SyntheticSettings(groups=3, images_per_group=2, image_size=32), root)
     return {"rows": 6, "labels": {"circle", "square", "triangle"}}
+
+
+def build_synthetic_age(root: Path) -> dict:
+    from transferbench.data.synthetic_age import generate
+    table = generate(root, individuals=3, images_per_individual=2, max_age=20, image_size=32, seed=0)
+    return {"rows": 6, "labels": set(table["age"].astype(str))}
+
+
+def build_synthetic_retrieval(root: Path) -> dict:
+    from transferbench.data.synthetic_retrieval import generate
+    generate(root, landmarks=2, views_per_landmark=3, queries_per_landmark=1, distractors=1, image_size=16, seed=0)
+    return {"rows": 7, "labels": {"landmark00", "landmark01", "background"}}
 
 
 BUILDERS = {name: globals()[f"build_{name.replace('-', '_')}"] for name in list_datasets()}

@@ -57,7 +57,7 @@ def test_local_mode_trains_in_this_process_without_a_ray_cluster(toy_splits, tmp
         assert not ray.is_initialized(), "local mode started or joined a Ray cluster"
     assert result["num_workers"] == 0 and result["world_size"] == 1 and result["ray_nodes"] == 1
     assert (result["device"], result["precision"]) == ("cpu", "fp32")
-    on_disk = json.loads((tmp_path / "metrics" / "toy" / "test_resnet" / "seed0.json").read_text())
+    on_disk = json.loads((tmp_path / "metrics" / "toy" / "test_resnet" / "full" / "seed0.json").read_text())
     assert on_disk == result and result["resumed_at_epochs"] == []
     run_dir = Path(settings.ray.storage_path) / result["ray_run_name"]
     final = json.loads((run_dir / FINAL_FILE).read_text())
@@ -71,7 +71,7 @@ def test_local_mode_trains_in_this_process_without_a_ray_cluster(toy_splits, tmp
     assert child.data.params["ray.num_workers"] == "0" and child.data.tags["transferbench.world_size"] == "1"
     history = mlflow.MlflowClient(settings.tracking.tracking_uri).get_metric_history(child.info.run_id, "val_loss")
     assert sorted(m.step for m in history) == list(range(1, result["epochs_run"] + 1))
-    curve = pd.read_csv(tmp_path / "plots" / "toy" / "test_resnet" / "seed0.csv")
+    curve = pd.read_csv(tmp_path / "plots" / "toy" / "test_resnet" / "full" / "seed0.csv")
     assert list(curve["epoch"]) == list(range(1, result["epochs_run"] + 1))
 
 
@@ -151,7 +151,7 @@ def test_a_sigkilled_local_mode_finetune_resumes_into_the_same_mlflow_run_with_n
     rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"skipping unreadable checkpoint {torn}" in rerun.stderr
-    result = json.loads((tmp_path / "metrics" / "toy" / "test_resnet" / "seed0.json").read_text())
+    result = json.loads((tmp_path / "metrics" / "toy" / "test_resnet" / "full" / "seed0.json").read_text())
     assert result["resumed_at_epochs"] == [newest - 1] and result["epochs_run"] == 14
     (finished,) = _child_runs(uri)
     assert finished.info.run_id == killed.info.run_id == result["mlflow_run_id"], "resume left a second MLflow run"
@@ -159,7 +159,7 @@ def test_a_sigkilled_local_mode_finetune_resumes_into_the_same_mlflow_run_with_n
     for key in ("val_loss", "train_loss", "lr"):
         steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(finished.info.run_id, key)]
         assert sorted(steps) == list(range(1, 15)), f"{key}: steps {sorted(steps)}: a gap or a repeat"
-    curve = pd.read_csv(tmp_path / "plots" / "toy" / "test_resnet" / "seed0.csv")
+    curve = pd.read_csv(tmp_path / "plots" / "toy" / "test_resnet" / "full" / "seed0.csv")
     assert list(curve["epoch"]) == list(range(1, 15))
     assert not list(run_dir.glob(f"epoch_*/{STATE_FILE}.tmp")), "a .tmp checkpoint was left behind"
     assert os.path.exists(run_dir / COMPLETED_FILE)

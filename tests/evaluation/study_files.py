@@ -26,14 +26,25 @@ BACKBONES = {
 def write_params(root: Path, *, tasks: Mapping[str, str], backbones: Sequence[str], seeds: Sequence[int],
                  study: str = "unit-study", tolerance: float = 0.05, floors: Mapping[str, float] | None = None,
                  **tracking: str) -> Path:
-    """A params.yaml for a study of ``tasks`` (task -> metric) x ``backbones`` x ``seeds`` under ``root``."""
+    """A params.yaml for a study of ``tasks`` (evaluation -> metric) x ``backbones`` x ``seeds`` under ``root``.
+
+    An evaluation ``<task>:linear_probe`` adds that mode to the task; a task whose metric is ``mae`` is an
+    age task (lower is better).
+    """
     # Start from the shipped params so sections other engineers own stay valid as they evolve.
     params = yaml.safe_load(REPO_PARAMS.read_text())
-    template = params["tasks"]["synthetic"]
+    template = {k: v for k, v in params["tasks"]["synthetic"].items() if k not in ("modes", "seeds")}
+    age = {k: v for k, v in params["tasks"]["synthetic_age"].items() if k not in ("modes", "seeds")}
+    task_specs: dict[str, dict] = {}
+    for evaluation, metric in tasks.items():
+        task, _, mode = evaluation.partition(":")
+        spec = task_specs.setdefault(task, {**(age if metric == "mae" else template), "metric": metric,
+                                            "modes": []})
+        spec["modes"].append(mode or "full")
     params |= {
-        "study": {"name": study, "tasks": list(tasks), "backbones": list(backbones), "seeds": list(seeds)},
+        "study": {"name": study, "tasks": list(task_specs), "backbones": list(backbones), "seeds": list(seeds)},
         "data": {**params.get("data", {}), "reports_dir": str(root / "reports"), "splits_dir": str(root / "splits")},
-        "tasks": {t: {**template, "metric": m} for t, m in tasks.items()},
+        "tasks": task_specs,
         "backbones": {b: {"model": b, "family": BACKBONES[b][0], "weights": "none", "preset": "tiny",
                           **({"imagenet_top1": BACKBONES[b][1]} if BACKBONES[b][1] else {})} for b in backbones},
         "compare": {"metrics_dir": str(root / "metrics"), "baseline": str(root / "baseline.json"),
@@ -50,7 +61,8 @@ def metrics_record(task: str, backbone: str, seed: int, metric: str, test: float
                    run_id: str = "0" * 32, **extra: Any) -> dict[str, Any]:
     """One metrics JSON as the training stage writes it (input contract of evaluation.results)."""
     val = test if val is None else val
-    record = {"task": task, "backbone": backbone, "model": backbone, "family": BACKBONES[backbone][0],
+    task, _, mode = task.partition(":")
+    record = {"task": task, "mode": mode or "full", "backbone": backbone, "model": backbone, "family": BACKBONES[backbone][0],
               "weights": "none", "random_init": True, "seed": seed, "mlflow_run_id": run_id, "metric": metric,
               "val_loss": 1.0 - val, "best_epoch": 1, "epochs_run": 2, "data_version": "md5:abc",
               "git_commit": "deadbeef"}
@@ -64,10 +76,11 @@ def metrics_record(task: str, backbone: str, seed: int, metric: str, test: float
 
 def write_metrics(metrics_dir: Path, scores: Mapping[str, Mapping[str, Sequence[float]]],
                   metrics: Mapping[str, str]) -> None:
-    """``scores[task][backbone]`` = per-seed test scores (seeds 0, 1, ...); val = test."""
+    """``scores[evaluation][backbone]`` = per-seed test scores (seeds 0, 1, ...); val = test."""
     for task, per_backbone in scores.items():
         for backbone, values in per_backbone.items():
             for seed, value in enumerate(values):
-                path = metrics_dir / task / backbone / f"seed{seed}.json"
+                name, _, mode = task.partition(":")
+                path = metrics_dir / name / backbone / (mode or "full") / f"seed{seed}.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(metrics_record(task, backbone, seed, metrics[task], value)))

@@ -89,7 +89,8 @@ def test_family_order_change_is_drift(baseline):
     (None, "not found"),
     ("{not json", "not valid JSON"),
     ("[]", "expected a JSON object"),
-    ('{"schema": "transferbench.rank_table/1", "study": "x"}', "missing key 'backbones'"),
+    ('{"schema": "transferbench.rank_table/2", "study": "x"}', "missing key 'backbones'"),
+    ('{"schema": "transferbench.rank_table/1", "study": "x"}', "is not 'transferbench.rank_table/2'; regenerate"),
     ('{"schema": "something-else"}', "schema 'something-else' is not"),
 ])
 def test_missing_or_malformed_baseline_is_an_error_not_a_pass(baseline, tmp_path, capsys, content, message):

@@ -29,12 +29,15 @@ BACKBONES = ("test_resnet", "test_convnext", "test_vit", "test_vit2")
 
 def _params(root: Path, **finetune: float) -> Path:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["study"].update(name="floor-study", tasks=["synthetic"], backbones=list(BACKBONES), seeds=[0])
+    raw["study"].update(name="floor-study", tasks=["synthetic"], backbones=list(BACKBONES), seeds=[0],
+                        retrieval_tasks=[])
+    raw["tasks"]["synthetic"]["modes"] = ["full"]
     raw["finetune"].update(finetune)
     raw["ray"]["storage_path"] = str(root / "ray_results")
     raw["tracking"].update(tracking_uri=f"sqlite:///{root / 'mlruns.db'}", artifact_location=str(root / "art"),
                            system_metrics=False, log_model=False)
-    raw["compare"].update(metrics_dir=str(root / "metrics"), baseline=str(root / "baseline.json"))
+    raw["compare"].update(metrics_dir=str(root / "metrics"), baseline=str(root / "baseline.json"),
+                          learning_floors={"synthetic": raw["compare"]["learning_floors"]["synthetic"]})
     raw["data"].update(reports_dir=str(root / "reports"))
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -43,7 +43,7 @@ def _log_finetuned(root: Path, backbone: str, seed: int, val: float, experiment_
                                  pip_requirements=["torch", "timm"])
     record = metrics_record(TASK, backbone, seed, "accuracy", test["accuracy"], val, run_id=run.info.run_id)
     record |= {f"test_{k}": v for k, v in test.items()}
-    path = root / "metrics" / TASK / backbone / f"seed{seed}.json"
+    path = root / "metrics" / TASK / backbone / "full" / f"seed{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
 
@@ -95,7 +95,7 @@ def test_register_sets_aliases_and_is_idempotent(trained, capsys):
     assert client.get_model_version_by_alias(MODEL_NAME, "best-transformer").version == champion.version
     best_convnet = client.get_model_version_by_alias(MODEL_NAME, "best-convnet")
     assert best_convnet.tags["backbone"] == "test_resnet" and best_convnet.tags["seed"] == "0"
-    recorded = json.loads((params.parent / "metrics" / TASK / "test_vit" / "seed1.json").read_text())
+    recorded = json.loads((params.parent / "metrics" / TASK / "test_vit" / "full" / "seed1.json").read_text())
     assert champion.run_id == recorded["mlflow_run_id"]
     assert champion.source == f"models:/{champion.tags['logged_model_id']}"  # the MLflow 3 LoggedModel
     for key, value in {"family": "transformer", "task": TASK, "weights": "none", "data_version": "md5:abc",
@@ -123,7 +123,7 @@ def test_register_sets_aliases_and_is_idempotent(trained, capsys):
 
 def test_register_fails_clearly_when_the_run_is_unknown(trained, capsys):
     params, *_ = trained
-    path = params.parent / "metrics" / TASK / "test_vit" / "seed1.json"
+    path = params.parent / "metrics" / TASK / "test_vit" / "full" / "seed1.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "mlflow_run_id": "f" * 32}))
     assert main(["--params", str(params), "register"]) == 2
     assert f"MLflow run {'f' * 32} not found" in capsys.readouterr().err

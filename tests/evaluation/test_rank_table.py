@@ -13,7 +13,13 @@ from transferbench.cli import main
 from transferbench.config import BackboneSettings
 from transferbench.engine.tasks import MetricSpec
 from transferbench.evaluation.ranking import rank_scores, rank_table
-from transferbench.evaluation.results import FinetuneResult, ResultsError, read_result, read_study_results
+from transferbench.evaluation.results import (
+    EvaluationSpec,
+    FinetuneResult,
+    ResultsError,
+    read_result,
+    read_study_results,
+)
 from transferbench.evaluation.significance import critical_difference
 
 ACCURACY = MetricSpec("accuracy")
@@ -32,8 +38,9 @@ def _results(scores: dict[str, dict[str, list[float]]], metrics: dict[str, str])
         for backbone, values in per_backbone.items():
             for seed, value in enumerate(values):
                 raw = metrics_record(task, backbone, seed, metrics[task], value)
-                out.append(FinetuneResult(Path("x.json"), task, backbone, raw["family"], raw["weights"], seed,
-                                          raw["mlflow_run_id"], metrics[task], value, value, raw))
+                out.append(FinetuneResult(Path("x.json"), raw["task"], raw["mode"], backbone, raw["family"],
+                                          raw["weights"], seed, raw["mlflow_run_id"], metrics[task], value, value,
+                                          raw))
     return out
 
 
@@ -105,8 +112,9 @@ def test_reader_names_the_file_and_key(tmp_path: Path):
     path.write_text(json.dumps({**record, "val_accuracy": 0.5}))
     with pytest.raises(ResultsError, match=r"key 'metric' is 'accuracy' but 'balanced_accuracy' was expected"):
         read_result(path, metric="balanced_accuracy")
-    with pytest.raises(ResultsError, match=r"t/test_vit/seed1.json: metrics file not found"):
-        read_study_results(tmp_path, tasks={"t": "accuracy"}, backbones={"test_vit": "transformer"}, seeds=(1,))
+    with pytest.raises(ResultsError, match=r"t/test_vit/full/seed1.json: metrics file not found"):
+        read_study_results(tmp_path, evaluations={"t": EvaluationSpec("t", "full", "accuracy", (1,))},
+                           backbones={"test_vit": "transformer"})
 
 
 def test_compare_writes_md_csv_json_with_the_same_numbers(study):
@@ -135,10 +143,16 @@ def test_compare_writes_md_csv_json_with_the_same_numbers(study):
         elif row["scope"] == "average":
             assert float(row["rank"]) == table["backbones"][row["backbone"]]["average_rank"]
             assert f"**{float(row['rank']):.2f}**" in markdown
-        else:
+        elif row["scope"] == "family_average":
             assert float(row["rank"]) == table["families"][row["family"]]["average_rank"]
             assert f"**{float(row['rank']):.2f}**" in markdown
-    assert len(rows) == 2 * 4 + 2 * 2 + 4 + 2
+        elif row["scope"] == "group":
+            assert float(row["rank"]) == table["groups"][row["group"]]["backbones"][row["backbone"]]
+        else:
+            assert row["scope"] == "group_family"
+            assert float(row["rank"]) == table["groups"][row["group"]]["families"][row["family"]]
+    # tasks x backbones, tasks x families, backbones, families; one group ("ungrouped"): backbones, families
+    assert len(rows) == 2 * 4 + 2 * 2 + 4 + 2 + 4 + 2
     assert "none (random init)" in markdown and "**Weights: none (random init).**" in markdown
     assert "The Friedman test does not apply" in markdown and "2 task(s)" in markdown
     assert "| 80.0 |" in markdown and "n/a" in markdown  # ImageNet top-1 where known
@@ -146,6 +160,6 @@ def test_compare_writes_md_csv_json_with_the_same_numbers(study):
 
 def test_compare_fails_clearly_on_missing_results(study, capsys):
     params = study({"t": {"test_vit": [0.5, 0.6], "test_resnet": [0.4, 0.3]}})
-    (params.parent / "metrics" / "t" / "test_vit" / "seed1.json").unlink()
+    (params.parent / "metrics" / "t" / "test_vit" / "full" / "seed1.json").unlink()
     assert main(["--params", str(params), "compare"]) == 2
-    assert "test_vit/seed1.json: metrics file not found" in capsys.readouterr().err
+    assert "test_vit/full/seed1.json: metrics file not found" in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """Registry load-back on the real engine's output (issue #6, "Load-back").
 
-Two real fine-tunes (Ray Train, MLflow SQLite store) of a ConvNet and a Transformer on
-the toy task, then ``transferbench register`` in a fresh process (no tracking URI but
-params'), then ``models:/<study>.<task>@champion`` is loaded with
+Real fine-tunes (Ray Train, MLflow SQLite store) of a ConvNet and a Transformer on the toy
+task in both training modes (full fine-tuning and the linear probe, issue #21), then
+``transferbench register`` in a fresh process (no tracking URI but params'), then each mode's
+``models:/<study>.<task>[.linear_probe]@champion`` is loaded with
 ``mlflow.pytorch.load_model`` and scored on the test manifest with the engine's own data
 path: it must reproduce the test metrics the run recorded.
 """
@@ -33,7 +34,7 @@ BACKBONES = ("test_resnet", "test_vit")
 def test_champion_loads_back_and_reproduces_its_recorded_test_metrics(toy_splits, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    raw = toy_params(toy_splits, study={"backbones": list(BACKBONES)},
+    raw = toy_params(toy_splits, study={"backbones": list(BACKBONES), "modes": ["full", "linear_probe"]},
                      data={"reports_dir": str(tmp_path / "reports")},
                      ray={"storage_path": str(tmp_path / "ray_results")},
                      tracking={"tracking_uri": uri, "artifact_location": str(tmp_path / "mlartifacts")},
@@ -42,8 +43,9 @@ def test_champion_loads_back_and_reproduces_its_recorded_test_metrics(toy_splits
     params.write_text(yaml.safe_dump(raw))
     settings = build(Settings, raw)
     for backbone in BACKBONES:
-        run_finetune(settings, task="toy", backbone=backbone, seed=0, metrics_dir=tmp_path / "metrics",
-                     plots_dir=tmp_path / "plots")
+        for mode in ("full", "linear_probe"):
+            run_finetune(settings, task="toy", backbone=backbone, seed=0, mode=mode, metrics_dir=tmp_path / "metrics",
+                         plots_dir=tmp_path / "plots")
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     done = subprocess.run([sys.executable, "-m", "transferbench.cli", "--params", str(params), "register"],
@@ -52,15 +54,18 @@ def test_champion_loads_back_and_reproduces_its_recorded_test_metrics(toy_splits
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to MLflow's default store
 
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    name = "toy-study.toy"
-    assert len(client.search_model_versions(f"name = '{name}'")) == len(BACKBONES)
-    champion = client.get_model_version_by_alias(name, "champion")
-    recorded = json.loads((tmp_path / "metrics" / "toy" / champion.tags["backbone"] / "seed0.json").read_text())
-    assert champion.run_id == recorded["mlflow_run_id"]
-
     mlflow.set_registry_uri(uri)
-    model = mlflow.pytorch.load_model(f"models:/{name}@champion")
-    scores = score_split(model, task="toy", task_settings=settings.task("toy"), splits_dir=settings.data.splits_dir,
-                         cache_dir=tmp_path / "cache", split="test", img_size=recorded["img_size"])
-    for metric, value in scores.items():
-        assert value == pytest.approx(recorded[f"test_{metric}"], abs=1e-9), metric
+    for mode, name in (("full", "toy-study.toy"), ("linear_probe", "toy-study.toy.linear_probe")):
+        versions = client.search_model_versions(f"name = '{name}'")
+        assert len(versions) == len(BACKBONES) and {v.tags["mode"] for v in versions} == {mode}
+        champion = client.get_model_version_by_alias(name, "champion")
+        recorded = json.loads((tmp_path / "metrics" / "toy" / champion.tags["backbone"] / mode / "seed0.json")
+                              .read_text())
+        assert champion.run_id == recorded["mlflow_run_id"] and recorded["mode"] == mode
+
+        model = mlflow.pytorch.load_model(f"models:/{name}@champion")
+        scores = score_split(model, task="toy", task_settings=settings.task("toy"),
+                             splits_dir=settings.data.splits_dir, cache_dir=tmp_path / "cache", split="test",
+                             img_size=recorded["img_size"])
+        for metric, value in scores.items():
+            assert value == pytest.approx(recorded[f"test_{metric}"], abs=1e-9), (mode, metric)

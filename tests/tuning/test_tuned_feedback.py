@@ -25,7 +25,7 @@ def test_tuned_hyperparameters_are_used_and_tagged(toy_splits: Path, tmp_path: P
                   "system_metrics": False, "log_model": False})
     result = run_finetune(settings, task="toy", backbone="test_resnet", seed=0, metrics_dir=tmp_path / "m",
                           plots_dir=tmp_path / "p")
-    written = json.loads((tmp_path / "m" / "toy" / "test_resnet" / "seed0.json").read_text())
+    written = json.loads((tmp_path / "m" / "toy" / "test_resnet" / "full" / "seed0.json").read_text())
     assert written["hyperparameters"] == "tuned"
     assert (written["lr"], written["warmup_iters"], written["warmup_lr"]) == (3.0e-3, 0, 2.0e-7)
     client = mlflow.MlflowClient(settings.tracking.tracking_uri)

@@ -5,4 +5,16 @@ the stages ``fetch``, ``generate_synthetic``, ``split`` and ``validate`` call th
 Importing the package registers every adapter (as timm's ``models/__init__`` does for its models).
 """
 
-from transferbench.data import caltech101, covid_chestxray, cub200, flowers102, indoor67, synthetic  # noqa: F401
+from transferbench.data import (  # noqa: F401
+    caltech101,
+    covid_chestxray,
+    cub200,
+    fgnet,
+    flowers102,
+    indoor67,
+    oxford5k,
+    synthetic,
+    synthetic_age,
+    synthetic_retrieval,
+    wikiart,
+)

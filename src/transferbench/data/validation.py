@@ -163,6 +163,9 @@ def validate_task(name: str, task: TaskSettings, data: DataSettings) -> dict:
     for split in SPLITS:
         frame = _read_manifest(manifest_path(data, name, split))
         frame["image_check"] = _image_checks(frame, data.min_image_side)
+        if task.kind == "age" and "age" in frame:  # a non-integer age becomes null and fails the not-null check
+            ages = pd.to_numeric(frame["age"], errors="coerce")
+            frame["age"] = ages.where(ages == ages.round())
         expectations = [
             *(E.ExpectColumnToExist(column=c) for c in MANIFEST_COLUMNS),
             *(E.ExpectColumnValuesToNotBeNull(column=c) for c in MANIFEST_COLUMNS),
@@ -172,8 +175,11 @@ def validate_task(name: str, task: TaskSettings, data: DataSettings) -> dict:
             E.ExpectTableRowCountToBeBetween(min_value=max(1, data.min_split_rows), severity="warning"),
             E.ExpectTableRowCountToBeBetween(min_value=1),
         ]
-        if split == "train":
+        if split == "train" and task.kind == "classification":  # every class seen in training
             expectations.append(E.ExpectColumnDistinctValuesToContainSet(column="label", value_set=vocabulary))
+        if task.kind == "age":  # the target: an integer age the softmax covers (0..age.max_age)
+            expectations += [E.ExpectColumnToExist(column="age"), E.ExpectColumnValuesToNotBeNull(column="age"),
+                             E.ExpectColumnValuesToBeBetween(column="age", min_value=0, max_value=task.age.max_age)]
         if geographic and split in ("train", "val") and "region" in frame:
             allowed = rule.train_regions if split == "train" else rule.val_regions
             expectations.append(E.ExpectColumnValuesToBeInSet(column="region", value_set=list(allowed)))

@@ -107,15 +107,19 @@ def build_cache(manifests: TaskManifests, split: str, *, kind: TaskKind, side: i
 
 
 class CachedImages(Dataset):
-    """Cached uint8 images -> (normalised float tensor, target, index), augmented when ``train``."""
+    """Cached uint8 images -> (normalised float tensor, target, index), augmented when ``train``: ``augment``
+    (the task kind's ``train_transforms``) if given, else random crop, rotation and flip from the protocol."""
 
     def __init__(self, cache_file: str | Path, *, img_size: int, mean: Sequence[float], std: Sequence[float],
-                 train: bool, rotation_degrees: float = 0.0, hflip: bool = False) -> None:
+                 train: bool, rotation_degrees: float = 0.0, hflip: bool = False,
+                 augment: v2.Transform | None = None) -> None:
         blob = torch.load(cache_file, weights_only=True)
         self.images: torch.Tensor = blob["images"]
         self.targets: torch.Tensor = blob["targets"]
         steps: list[v2.Transform] = []
-        if train:
+        if train and augment is not None:  # the task kind's own augmentation (e.g. age: affine + shear)
+            steps.append(augment)
+        elif train:
             steps.append(v2.RandomCrop(img_size))
             if rotation_degrees:
                 steps.append(v2.RandomRotation(rotation_degrees))

@@ -3,12 +3,14 @@
 Outputs, read by ``dvc metrics show`` / ``dvc plots show`` and by the rank table
 (``transferbench.evaluation.results``); the key names are stable:
 
-``metrics/finetune/<task>/<backbone>/seed<S>.json`` -- one flat object:
+``metrics/finetune/<task>/<backbone>/<mode>/seed<S>.json`` -- one flat object:
   identity    task, task_kind, backbone, model (timm name), family, weights (hub |
               file:<path> | none), weights_label (hub-pretrained | file-pretrained | random-init),
               random_init (bool), seed, study, mode (full | linear_probe), img_size, num_workers,
               hyperparameters (paper | tuned) and the lr, warmup_iters, warmup_lr actually used
-  selection   metric (tasks.<task>.metric), val_score, test_score (that metric on val/test)
+  selection   metric (tasks.<task>.metric), val_score, test_score (that metric on val/test);
+              baseline_score, baseline: the task kind's trivial baseline on test (e.g. predicting the
+              training mean), null where the kind has none
   metrics     val_<m> and test_<m> for every metric m of the task kind (null where undefined),
               computed with the best epoch's weights
   training    best_epoch, epochs_run, best_val_loss, stop_reason (early_stop | max_epochs | hook),
@@ -16,7 +18,7 @@ Outputs, read by ``dvc metrics show`` / ``dvc plots show`` and by the rank table
               ray_nodes, device, precision and channels_last as rank 0 trained, train_seconds
   provenance  mlflow_run_id, mlflow_parent_run_id, data_version (hash of the split manifests),
               git_commit, ray_run_name
-``plots/finetune/<task>/<backbone>/seed<S>.csv`` -- per epoch: epoch, train_loss, val_loss, the
+``plots/finetune/<task>/<backbone>/<mode>/seed<S>.csv`` -- per epoch: epoch, train_loss, val_loss, the
   kind's training statistic on train and val (train_accuracy, val_accuracy), lr.
 
 A run killed part-way (worker or whole process) is resumed by running the same command: the Ray
@@ -66,12 +68,12 @@ class Job:
     tracking: TrackingSettings
 
 
-def metrics_path(metrics_dir: str | Path, task: str, backbone: str, seed: int) -> Path:
-    return Path(metrics_dir) / task / backbone / f"seed{seed}.json"
+def metrics_path(metrics_dir: str | Path, task: str, backbone: str, seed: int, mode: str = "full") -> Path:
+    return Path(metrics_dir) / task / backbone / mode / f"seed{seed}.json"
 
 
-def curve_path(plots_dir: str | Path, task: str, backbone: str, seed: int) -> Path:
-    return Path(plots_dir) / task / backbone / f"seed{seed}.csv"
+def curve_path(plots_dir: str | Path, task: str, backbone: str, seed: int, mode: str = "full") -> Path:
+    return Path(plots_dir) / task / backbone / mode / f"seed{seed}.csv"
 
 
 def run_seed(job: Job, inputs: TaskInputs, registry: RunRegistry, *, seed: int, metrics_dir: str | Path,
@@ -85,7 +87,7 @@ def run_seed(job: Job, inputs: TaskInputs, registry: RunRegistry, *, seed: int, 
                 "backbone_settings": entry.model_dump(), "finetune": protocol.model_dump(),
                 "data_version": data_version, "img_size": inputs.img_size}
     run_key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    run_name = f"{job.task}.{job.backbone_name}.seed{seed}.{run_key}"
+    run_name = f"{job.task}.{job.backbone_name}.{protocol.mode}.seed{seed}.{run_key}"
     storage = Path(job.ray.storage_path).resolve()
     run_dir = storage / run_name
     if (run_dir / COMPLETED_FILE).exists():
@@ -105,7 +107,7 @@ def run_seed(job: Job, inputs: TaskInputs, registry: RunRegistry, *, seed: int, 
             "mlflow.source.git.commit": commit, "data_version": data_version,
             "transferbench.hyperparameters": protocol.hyperparameters}
     run_id, reused = registry.child_run(study=job.study, run_key=run_name,
-                                        run_name=f"{job.task}/{job.backbone_name}/seed{seed}", tags=tags,
+                                        run_name=f"{job.task}/{job.backbone_name}/{protocol.mode}/seed{seed}", tags=tags,
                                         reuse=previous)
     write_text(persisted, json.dumps({"run_id": run_id}))
     parent_id = registry.study_run(job.study)
@@ -148,6 +150,7 @@ def run_seed(job: Job, inputs: TaskInputs, registry: RunRegistry, *, seed: int, 
         "hyperparameters": protocol.hyperparameters, "lr": protocol.lr, "warmup_iters": protocol.warmup_iters,
         "warmup_lr": protocol.warmup_lr, "img_size": inputs.img_size, "num_workers": job.ray.num_workers,
         "metric": metric, "val_score": final.get(f"val_{metric}"), "test_score": final.get(f"test_{metric}"),
+        **_trivial_baseline(kind, inputs, frames),
         **{f"{split}_{m.name}": final.get(f"{split}_{m.name}") for split in ("val", "test") for m in kind.metrics},
         **{k: final[k] for k in ("best_epoch", "epochs_run", "best_val_loss", "stop_reason", "resumed_at_epochs")},
         "world_size": final["world_size"], "ray_nodes": len(set(final["worker_nodes"])),
@@ -165,9 +168,17 @@ def run_seed(job: Job, inputs: TaskInputs, registry: RunRegistry, *, seed: int, 
 
 def _write_outputs(result: dict[str, Any], history: list[dict[str, float]], metrics_dir: str | Path,
                    plots_dir: str | Path, *, statistic: str) -> None:
-    task, backbone, seed = result["task"], result["backbone"], result["seed"]
-    write_text(metrics_path(metrics_dir, task, backbone, seed), json.dumps(result, indent=2) + "\n")
-    write_curve_csv(history, curve_path(plots_dir, task, backbone, seed), statistic=statistic)
+    where = result["task"], result["backbone"], result["seed"], result["mode"]
+    write_text(metrics_path(metrics_dir, *where), json.dumps(result, indent=2) + "\n")
+    write_curve_csv(history, curve_path(plots_dir, *where), statistic=statistic)
+
+
+def _trivial_baseline(kind: Any, inputs: TaskInputs, frames: dict[str, Any]) -> dict[str, Any]:
+    """``baseline`` (what it is) and ``baseline_score`` (its test metric), from the kind's trivial predictor."""
+    baseline = kind.trivial_baseline(kind.targets(frames["train"], inputs.manifests.paths["train"]).numpy(),
+                                     kind.targets(frames["test"], inputs.manifests.paths["test"]).numpy())
+    return {"baseline": None, "baseline_score": None} if baseline is None else \
+        {"baseline": baseline[0], "baseline_score": baseline[1]}
 
 
 def _completed_result(run_dir: Path, registry: RunRegistry) -> dict[str, Any] | None:

@@ -165,7 +165,8 @@ def _run(spec: WorkerSpec) -> None:
     def dataset(split: str, train: bool) -> CachedImages:
         return CachedImages(spec.cache_files[split], img_size=spec.img_size, mean=spec.input_spec.mean,
                             std=spec.input_spec.std, train=train, rotation_degrees=protocol.rotation_degrees,
-                            hflip=protocol.hflip)
+                            hflip=protocol.hflip,
+                            augment=spec.kind.train_transforms(spec.img_size, protocol) if train else None)
 
     prepare = ray.train.torch.prepare_data_loader
     # finetune.batch_size is the global batch (the paper's 32): each of the N workers takes 1/N of it,

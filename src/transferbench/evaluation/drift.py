@@ -181,28 +181,43 @@ def compare_rank_tables(baseline: Mapping[str, Any], current: Mapping[str, Any],
     return changes
 
 
-def check_learning_floors(table: Mapping[str, Any], floors: Mapping[str, float]) -> list[Change]:
-    """One line per (task with a floor, family): the family's best backbone against the floor."""
+def check_learning_floors(table: Mapping[str, Any], floors: Mapping[str, float | str]) -> list[Change]:
+    """One line per (evaluation with a floor, family): the family's best backbone against the floor.
+
+    A floor is a score, or ``"trivial"``: strictly better than the evaluation's trivial baseline (the
+    table's ``trivial_baseline``: predicting the training mean for age, a random ranking for retrieval).
+    """
     checks: list[Change] = []
     for task, floor in sorted(floors.items()):
         t = table["tasks"].get(task)
         if t is None:  # dropping the task from the study is structural drift against the baseline
-            checks.append(Change("floor", task, "(no family)", f"{floor:g}", "task not in this study", False,
+            checks.append(Change("floor", task, "(no family)", str(floor), "task not in this study", False,
                                  "not checked: the study does not run this task"))
             continue
         higher = t["higher_is_better"]
+        trivial = floor == "trivial"
+        if trivial:
+            if t.get("trivial_baseline") is None:
+                checks.append(Change("floor", task, "(no family)", "trivial", "no trivial baseline", True,
+                                     f"LEARNING FLOOR: {task}'s task kind records no trivial baseline to beat"))
+                continue
+            floor = float(t["trivial_baseline"])
         by_family: dict[str, list[tuple[float, str]]] = {}
         for name, cell in t["backbones"].items():
             by_family.setdefault(table["backbones"][name]["family"], []).append((cell["mean"], name))
         for family, scores in sorted(by_family.items()):
             pick = max if higher else min  # the first best in catalogue order on a tie
             best, name = pick(scores, key=lambda s: s[0])
-            met = best >= floor if higher else best <= floor
-            bound = ">=" if higher else "<="
+            if trivial:
+                met = best > floor if higher else best < floor
+                bound = f"{'>' if higher else '<'} {floor:.4g} (trivial baseline)"
+            else:
+                met = best >= floor if higher else best <= floor
+                bound = f"{'>=' if higher else '<='} {floor:g}"
             why = (f"best {family} backbone {name} meets the floor" if met else
                    f"LEARNING FLOOR: the best {family} backbone ({name}) scores {best:.4f} {t['metric']}, "
-                   f"not {bound} {floor:g}: the study may have stopped learning")
-            checks.append(Change("floor", task, family, f"{bound} {floor:g}", f"{best:.4f} ({name})", not met, why))
+                   f"not {bound}: the study may have stopped learning")
+            checks.append(Change("floor", task, family, bound, f"{best:.4f} ({name})", not met, why))
     return checks
 
 

@@ -1,11 +1,14 @@
-"""Per-task ranks and family average ranks: the paper's way of reading the study.
+"""Per-evaluation ranks and family average ranks: the paper's way of reading the study.
+
+An evaluation is a task in one mode (``results.evaluation_id``: ``cub200``, ``cub200:linear_probe``,
+``oxford5k``); the table's ``tasks`` are keyed by it and carry ``task``, ``mode`` and ``group``.
 
 Zhou et al. (2021) rank the backbones on every task by the task's metric and compare the
 families by their average rank (PROTOCOL.md, "What the results look like"). Here:
 
 - A backbone's score on a task is the mean of ``test_<metric>`` over seeds (the paper reports
   the mean of three runs); its spread is the sample standard deviation (ddof=1; ``None`` with
-  one seed).
+  one seed). Retrieval is deterministic: n = 1, said so (``n_note``).
 - Rank 1 is best. A lower-is-better metric (its task kind says so: e.g. age MAE) ranks the
   smallest mean first.
 - Ties get the average of the ranks they span ("average" / fractional ranking, as in the
@@ -14,6 +17,12 @@ families by their average rank (PROTOCOL.md, "What the results look like"). Here
 - A backbone's average rank is the mean of its per-task ranks. A family's per-task rank is the
   mean of its members' ranks on that task; its average rank is the mean of its members'
   average ranks (equal to the mean of its per-task ranks, every backbone being on every task).
+
+- Groups (the paper's tables: fine-grained, scene, open-domain, in-domain, face, linear evaluation,
+  retrieval): per-backbone average rank over the group's evaluations and per-family average ranks.
+- Gain from full fine-tuning (paper Table 7): on every task run in both modes, per backbone the
+  per-seed difference full - linear probe (in the metric's better direction), mean ± std over
+  seeds; per family the mean ± std over its backbones' per-seed gains.
 
 The table is a plain JSON-ready dict (schema ``SCHEMA``): the same object is written to
 ``reports/rank_table.json``, committed as a drift baseline and read back by ``drift``.
@@ -33,7 +42,7 @@ from transferbench.evaluation.results import FinetuneResult
 from transferbench.evaluation.significance import friedman_nemenyi
 from transferbench.models.backbones import WeightsSource
 
-SCHEMA = "transferbench.rank_table/1"
+SCHEMA = "transferbench.rank_table/2"  # 2: evaluations (task x mode), groups, gain table
 RANK_METHOD = "average"
 RANK_DECIMALS = 12
 
@@ -55,16 +64,26 @@ def _spread(values: Sequence[float]) -> float | None:
 
 
 def rank_table(results: Sequence[FinetuneResult], *, study: str, task_metrics: Mapping[str, MetricSpec],
-               backbones: Mapping[str, BackboneSettings], alpha: float = 0.05) -> dict[str, Any]:
+               backbones: Mapping[str, BackboneSettings], alpha: float = 0.05,
+               groups: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Build the study's rank table from its per-seed results.
 
-    ``task_metrics`` maps each task (in study order) to its ranking metric and direction; ``backbones``
-    is the catalogue entry of each backbone in the study (in study order).
+    ``task_metrics`` maps each evaluation (in study order) to its ranking metric and direction;
+    ``backbones`` is the catalogue entry of each backbone in the study (in study order); ``groups`` maps
+    an evaluation to its paper group (default: "ungrouped").
     """
     scores: dict[tuple[str, str], list[float]] = {}
+    baselines: dict[str, list[float]] = {}
+    baseline_kinds: dict[str, str] = {}
+    identity: dict[str, tuple[str, str]] = {}
     for r in sorted(results, key=lambda r: r.seed):
-        scores.setdefault((r.task, r.backbone), []).append(r.test_score)
+        scores.setdefault((r.evaluation, r.backbone), []).append(r.test_score)
+        identity[r.evaluation] = (r.task, r.mode)
+        if isinstance(r.raw.get("baseline_score"), (int, float)):
+            baselines.setdefault(r.evaluation, []).append(float(r.raw["baseline_score"]))
+            baseline_kinds[r.evaluation] = str(r.raw.get("baseline"))
     families = sorted({b.family for b in backbones.values()})
+    groups = dict(groups or {})
 
     tasks: dict[str, Any] = {}
     for task, metric in task_metrics.items():
@@ -73,9 +92,16 @@ def rank_table(results: Sequence[FinetuneResult], *, study: str, task_metrics: M
             raise ValueError(f"task {task!r}: no results for backbones {missing}")
         means = {b: statistics.fmean(scores[task, b]) for b in backbones}
         ranks = rank_scores(means, higher_better=metric.higher_is_better)
+        task_name, mode = identity.get(task, (task, "full"))
         tasks[task] = {
+            "task": task_name,
+            "mode": mode,
+            "group": groups.get(task, "ungrouped"),
             "metric": metric.name,
             "higher_is_better": metric.higher_is_better,
+            "n_note": "deterministic (no training, no seeds): n = 1" if mode == "frozen" else None,
+            "trivial_baseline": statistics.fmean(baselines[task]) if task in baselines else None,
+            "trivial_baseline_is": baseline_kinds.get(task),
             "backbones": {b: {"mean": means[b], "std": _spread(scores[task, b]), "n_seeds": len(scores[task, b]),
                               "rank": ranks[b]} for b in backbones},
             "family_rank": {f: statistics.fmean(ranks[b] for b, s in backbones.items() if s.family == f)
@@ -99,8 +125,52 @@ def rank_table(results: Sequence[FinetuneResult], *, study: str, task_metrics: M
         "families": {f: {"average_rank": family_average[f],
                          "backbones": [b for b, s in backbones.items() if s.family == f]} for f in families},
         "family_order": family_order(family_average),
+        "groups": group_ranks(tasks, backbones),
+        "gain_from_full_finetuning": full_finetuning_gain(results, task_metrics, backbones),
         "significance": friedman_nemenyi(rank_matrix, alpha=alpha),
     }
+
+
+def group_ranks(tasks: Mapping[str, Any], backbones: Mapping[str, BackboneSettings]) -> dict[str, Any]:
+    """Per paper group (in first-appearance order): its evaluations, each backbone's and family's average rank."""
+    out: dict[str, Any] = {}
+    for group in dict.fromkeys(t["group"] for t in tasks.values()):
+        members = [e for e, t in tasks.items() if t["group"] == group]
+        average = {b: statistics.fmean(tasks[e]["backbones"][b]["rank"] for e in members) for b in backbones}
+        out[group] = {"evaluations": members, "backbones": average,
+                      "families": {f: statistics.fmean(average[b] for b, s in backbones.items() if s.family == f)
+                                   for f in sorted({s.family for s in backbones.values()})}}
+    return out
+
+
+def full_finetuning_gain(results: Sequence[FinetuneResult], task_metrics: Mapping[str, MetricSpec],
+                         backbones: Mapping[str, BackboneSettings]) -> dict[str, Any]:
+    """Per task run in both modes: full - linear_probe test metric (better direction positive), paired by seed."""
+    by_run = {(r.task, r.mode, r.backbone, r.seed): r.test_score for r in results}
+    out: dict[str, Any] = {}
+    for evaluation, metric in task_metrics.items():
+        task, _, mode = evaluation.partition(":")
+        if mode != "linear_probe" or task not in task_metrics:
+            continue
+        sign = 1.0 if metric.higher_is_better else -1.0
+        gains: dict[str, list[float]] = {}
+        for (t, m, b, seed), score in sorted(by_run.items()):
+            if t == task and m == "linear_probe" and b in backbones and (t, "full", b, seed) in by_run:
+                gains.setdefault(b, []).append(sign * (by_run[t, "full", b, seed] - score))
+        if not gains:
+            continue
+        family_gains: dict[str, list[float]] = {}
+        for b, values in gains.items():
+            family_gains.setdefault(backbones[b].family, []).extend(values)
+        out[task] = {
+            "metric": metric.name, "higher_is_better": metric.higher_is_better,
+            "gain": "full fine-tuning minus linear probe, per seed (positive: full is better)",
+            "backbones": {b: {"mean": statistics.fmean(v), "std": _spread(v), "n_seeds": len(v)}
+                          for b, v in gains.items()},
+            "families": {f: {"mean": statistics.fmean(v), "std": _spread(v), "n": len(v)}
+                         for f, v in sorted(family_gains.items())},
+        }
+    return out
 
 
 def family_order(family_average: Mapping[str, float]) -> list[list[str]]:

@@ -1,7 +1,8 @@
 """Best fine-tuned checkpoints into the MLflow Model Registry, with champion and per-family aliases.
 
-Layout: one registered model per (study, task), named ``<study>.<task>``; one version per backbone
-(its best seed). Aliases on each registered model:
+Layout: one registered model per (study, evaluation), named ``<study>.<task>`` for full fine-tuning
+and ``<study>.<task>.linear_probe`` for linear evaluation; one version per backbone (its best seed).
+Retrieval evaluations train nothing and register nothing. Aliases on each registered model:
 
 - ``champion``: the best backbone on the task;
 - ``best-convnet`` / ``best-transformer``: the best backbone of each family (``best-<family>``).
@@ -45,20 +46,21 @@ class RegistryError(TransferbenchError):
     """The run or model a result points at cannot be found in MLflow."""
 
 
-def registered_model_name(study: str, task: str) -> str:
-    return f"{study}.{task}"
+def registered_model_name(study: str, evaluation: str) -> str:
+    """``<study>.<task>`` or ``<study>.<task>.<mode>`` (evaluation ids use ``:``, registry names do not)."""
+    return f"{study}.{evaluation.replace(':', '.')}"
 
 
 def family_alias(family: str) -> str:
     return f"best-{family}"
 
 
-Metrics = Mapping[str, MetricSpec]  # task -> its selection metric and direction
+Metrics = Mapping[str, MetricSpec]  # evaluation id -> its selection metric and direction
 
 
 def _val_key(result: FinetuneResult, metrics: Metrics) -> tuple[float, int, str]:
     """Sort key: best validation score first (in the task's direction), then lower seed, then backbone name."""
-    score = -result.val_score if metrics[result.task].higher_is_better else result.val_score
+    score = -result.val_score if metrics[result.evaluation].higher_is_better else result.val_score
     return score, result.seed, result.backbone
 
 
@@ -66,7 +68,7 @@ def select_checkpoints(results: Sequence[FinetuneResult], metrics: Metrics) -> d
     """The best seed of every (task, backbone), by validation metric."""
     best: dict[tuple[str, str], FinetuneResult] = {}
     for result in sorted(results, key=lambda r: _val_key(r, metrics)):
-        best.setdefault((result.task, result.backbone), result)
+        best.setdefault((result.evaluation, result.backbone), result)
     return best
 
 
@@ -83,7 +85,7 @@ def version_tags(result: FinetuneResult, *, study: str, seeds: Sequence[Finetune
                  git_commit: str | None) -> dict[str, str]:
     """Tags of a registered version: what it is, how it scored, and where it came from."""
     tags = {
-        "study": study, "task": result.task, "backbone": result.backbone, "family": result.family,
+        "study": study, "task": result.task, "mode": result.mode, "backbone": result.backbone, "family": result.family,
         "weights": result.weights, "seed": str(result.seed), "mlflow_run_id": result.mlflow_run_id,
         "model_uri": result.model_uri, "selection_metric": result.metric,
         "selected_by": f"best val_{result.metric} over seeds {sorted(r.seed for r in seeds)}",
@@ -144,10 +146,11 @@ def register_study(client: MlflowClient, results: Sequence[FinetuneResult], *, m
     """Register every (task, backbone)'s best checkpoint and point the aliases; returns one row per version."""
     selected = select_checkpoints(results, metrics)
     rows = []
-    for task in dict.fromkeys(r.task for r in results):
+    for task in dict.fromkeys(r.evaluation for r in results):
         name = registered_model_name(study, task)
         task_selected = [r for (t, _), r in selected.items() if t == task]
-        _ensure_registered_model(client, name, {"study": study, "task": task,
+        _ensure_registered_model(client, name, {"study": study, "task": task_selected[0].task,
+                                                "mode": task_selected[0].mode,
                                                 "selection_metric": task_selected[0].metric})
         versions: dict[str, ModelVersion] = {}
         for result in task_selected:
@@ -155,14 +158,16 @@ def register_study(client: MlflowClient, results: Sequence[FinetuneResult], *, m
             created = version is None
             if created:
                 source, model_id = _model_source(client, result.mlflow_run_id)
-                seeds = [r for r in results if (r.task, r.backbone) == (task, result.backbone)]
+                seeds = [r for r in results if (r.evaluation, r.backbone) == (task, result.backbone)]
                 tags = version_tags(result, study=study, seeds=seeds, git_commit=git_commit)
                 tags["logged_model_id"] = model_id or "none (MLflow 2 run artifact)"
                 version = client.create_model_version(
                     name, source, run_id=result.mlflow_run_id, model_id=model_id, tags=tags,
-                    description=f"{result.backbone} ({result.family}) on {task}, seed {result.seed}")
+                    description=f"{result.backbone} ({result.family}) on {result.task} ({result.mode}), "
+                                f"seed {result.seed}")
             versions[result.backbone] = version
             rows.append({"registered_model": name, "version": str(version.version), "task": task,
+                         "mode": result.mode,
                          "backbone": result.backbone, "family": result.family, "seed": result.seed,
                          "mlflow_run_id": result.mlflow_run_id, "created": created, "aliases": []})
         aliases = client.get_registered_model(name).aliases

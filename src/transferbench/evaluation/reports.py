@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-CSV_COLUMNS = ("scope", "task", "metric", "backbone", "family", "weights", "imagenet_top1",
+CSV_COLUMNS = ("scope", "task", "mode", "group", "metric", "backbone", "family", "weights", "imagenet_top1",
                "mean", "std", "n_seeds", "rank")
 
 
@@ -39,8 +39,17 @@ def rank_table_markdown(table: dict[str, Any]) -> str:
     if any(b["weights"] != "hub" for b in backbones.values()):
         lines += [f"**Weights: {', '.join(labels)}.** Backbones not initialised from pretrained hub weights "
                   "are marked in every row; their ranks say nothing about pretrained transfer.", ""]
-    lines += ["Per task: mean ± std of the test metric over seeds, (rank). Rank 1 is best; "
-              "ties share the average rank; ↓ marks lower-is-better metrics.", ""]
+    lines += ["Per evaluation (a task in one mode: `task` = full fine-tuning or retrieval, `task:linear_probe` = "
+              "linear evaluation): mean ± std of the test metric over seeds, (rank). Rank 1 is best; "
+              "ties share the average rank; ↓ marks lower-is-better metrics (ranked ascending).", ""]
+    for name, t in tasks.items():
+        if t.get("n_note"):
+            lines.append(f"- `{name}`: {t['n_note']}.")
+        if t.get("trivial_baseline") is not None:
+            lines.append(f"- `{name}`: trivial baseline ({t.get('trivial_baseline_is')}, ignoring the image) "
+                         f"{t['metric']} {_num(t['trivial_baseline'])}.")
+    if any(t.get("n_note") or t.get("trivial_baseline") is not None for t in tasks.values()):
+        lines.append("")
     header = ["backbone", "family", "weights", "ImageNet top-1"]
     header += [f"{t} ({v['metric']}{'' if v['higher_is_better'] else ' ↓'})" for t, v in tasks.items()]
     header += ["average rank"]
@@ -65,9 +74,52 @@ def rank_table_markdown(table: dict[str, Any]) -> str:
         row.append(f"**{f['average_rank']:.2f}**")
         lines.append("| " + " | ".join(row) + " |")
     order = " before ".join(" = ".join(group) for group in table["family_order"])
-    lines += ["", f"Family order (best first): {order}.", "", "## Significance across tasks", ""]
+    lines += ["", f"Family order (best first): {order}.", ""]
+    lines += _groups_markdown(table)
+    lines += _gain_markdown(table)
+    lines += ["## Significance across tasks", ""]
     lines += _significance_markdown(table["significance"])
     return "\n".join(lines) + "\n"
+
+
+def _groups_markdown(table: dict[str, Any]) -> list[str]:
+    """The paper's task groups: per-backbone and per-family average rank within each group."""
+    groups = table.get("groups") or {}
+    if not groups:
+        return []
+    names = list(table["backbones"])
+    families = sorted(table["families"])
+    lines = ["## By task group (the paper's tables)", "",
+             "Average rank within each group (1 = best). Linear-probe results form the linear evaluation group.", ""]
+    header = ["group", "evaluations"] + [f"`{b}`" for b in names] + [f"{f} (family)" for f in families]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group, g in groups.items():
+        row = [group, ", ".join(f"`{e}`" for e in g["evaluations"])]
+        row += [f"{g['backbones'][b]:.2f}" for b in names] + [f"**{g['families'][f]:.2f}**" for f in families]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
+
+
+def _gain_markdown(table: dict[str, Any]) -> list[str]:
+    """Paper Table 7's reading: what whole-network fine-tuning gains over a linear probe, per backbone and family."""
+    gains = table.get("gain_from_full_finetuning") or {}
+    if not gains:
+        return []
+    lines = ["## Gain from full fine-tuning over linear evaluation", "",
+             "Per task run in both modes: test metric of full fine-tuning minus that of the linear probe on the frozen "
+             "backbone, paired by seed (positive: full fine-tuning is better; for ↓ metrics, the reduction), "
+             "mean ± std over seeds; per family over its backbones' seeds.", ""]
+    header = ["task", "metric"] + [f"`{b}`" for b in table["backbones"]] + \
+        [f"{f} (family)" for f in sorted(table["families"])]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task, g in gains.items():
+        row = [f"`{task}`", g["metric"] + ("" if g["higher_is_better"] else " ↓")]
+        row += [f"{_num(g['backbones'][b]['mean'])} ± {_num(g['backbones'][b]['std'])}"
+                if b in g["backbones"] else "n/a" for b in table["backbones"]]
+        row += [f"**{_num(g['families'][f]['mean'])} ± {_num(g['families'][f]['std'])}**"
+                if f in g["families"] else "n/a" for f in sorted(table["families"])]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
 
 
 def _significance_markdown(sig: dict[str, Any]) -> list[str]:
@@ -92,7 +144,8 @@ def rank_table_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
     for task, t in table["tasks"].items():
         for name, cell in t["backbones"].items():
             b = backbones[name]
-            rows.append({"scope": "task", "task": task, "metric": t["metric"], "backbone": name,
+            rows.append({"scope": "task", "task": task, "mode": t.get("mode"), "group": t.get("group"),
+                         "metric": t["metric"], "backbone": name,
                          "family": b["family"], "weights": b["weights"], "imagenet_top1": b["imagenet_top1"],
                          "mean": cell["mean"], "std": cell["std"], "n_seeds": cell["n_seeds"], "rank": cell["rank"]})
         for family, rank in t["family_rank"].items():
@@ -103,6 +156,16 @@ def rank_table_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
                      "imagenet_top1": b["imagenet_top1"], "rank": b["average_rank"]})
     for family, f in table["families"].items():
         rows.append({"scope": "family_average", "family": family, "rank": f["average_rank"]})
+    for group, g in (table.get("groups") or {}).items():
+        rows += [{"scope": "group", "group": group, "backbone": b, "family": backbones[b]["family"], "rank": r}
+                 for b, r in g["backbones"].items()]
+        rows += [{"scope": "group_family", "group": group, "family": f, "rank": r} for f, r in g["families"].items()]
+    for task, g in (table.get("gain_from_full_finetuning") or {}).items():
+        rows += [{"scope": "gain_full_minus_linear", "task": task, "metric": g["metric"], "backbone": b,
+                  "family": backbones[b]["family"], "mean": c["mean"], "std": c["std"], "n_seeds": c["n_seeds"]}
+                 for b, c in g["backbones"].items()]
+        rows += [{"scope": "gain_full_minus_linear_family", "task": task, "metric": g["metric"], "family": f,
+                  "mean": c["mean"], "std": c["std"], "n_seeds": c["n"]} for f, c in g["families"].items()]
     return [{c: row.get(c) for c in CSV_COLUMNS} for row in rows]
 
 

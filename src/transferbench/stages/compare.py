@@ -1,7 +1,7 @@
 """Stage ``compare``: the paper's rank tables, and (``--baseline``) the drift gate.
 
-Per task each backbone's mean ± std over seeds and its rank, per-family average ranks and the
-Friedman/Nemenyi analysis -> ``<data.reports_dir>/rank_table.{md,csv,json}`` and figures. With a
+Per evaluation (a task in one mode) each backbone's mean ± std over seeds and its rank, per-family
+average ranks, the paper's task groups, the gain from full fine-tuning and the Friedman/Nemenyi analysis -> ``<data.reports_dir>/rank_table.{md,csv,json}`` and figures. With a
 baseline, the new table is compared with it and the learning floors are checked
 (``evaluation.drift``).
 """
@@ -15,7 +15,7 @@ from transferbench.config import Settings
 from transferbench.evaluation import drift
 from transferbench.evaluation.ranking import rank_table
 from transferbench.evaluation.reports import write_rank_reports
-from transferbench.evaluation.study import study_results, task_metrics
+from transferbench.evaluation.study import evaluation_group, evaluations, study_results, task_metrics
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,10 @@ def run(settings: Settings, *, baseline: str | Path | None = None) -> Comparison
     """Write the rank reports; with ``baseline`` (a rank-table JSON) also gate them against it."""
     previous = drift.load_rank_table(baseline) if baseline is not None else None  # a bad baseline fails first
     study = settings.study
+    groups = {e: evaluation_group(settings, spec) for e, spec in evaluations(settings).items()}
     table = rank_table(study_results(settings), study=study.name, task_metrics=task_metrics(settings),
-                       backbones={b: settings.backbone(b) for b in study.backbones}, alpha=settings.compare.alpha)
+                       backbones={b: settings.backbone(b) for b in study.backbones}, alpha=settings.compare.alpha,
+                       groups=groups)
     paths = write_rank_reports(table, Path(settings.data.reports_dir))
     if previous is None:
         return Comparison(paths)

@@ -1,9 +1,9 @@
-"""Stage ``finetune@<task>-<backbone>``: fine-tune one backbone on one task, once per seed.
+"""Stage ``finetune@<task>-<backbone>``: train one backbone on one task, once per mode and seed.
 
 Builds the pieces and calls them: the task's inputs (manifests, task kind, the probed backbone,
-the image caches), the MLflow run registry, then one Ray Train run per seed
-(``engine.finetune.run_seed``: its own MLflow child run, metrics JSON and learning curve). The
-seeds run one after another in this process, so its start-up (importing torch, timm, MLflow and
+the image caches), the MLflow run registry, then one Ray Train run per training mode (``full``, ``linear_probe``: the task's modes, else
+``study.modes``) and seed (``engine.finetune.run_seed``: its own MLflow child run, metrics JSON and
+learning curve). The runs go one after another in this process, so its start-up (importing torch, timm, MLflow and
 Ray Train) is paid once per stage.
 """
 
@@ -21,8 +21,9 @@ from transferbench.engine.tracking import RunRegistry
 from transferbench.errors import TransferbenchError
 
 
-def job_for(settings: Settings, task: str, backbone: str, *, num_workers: int | None = None) -> Job:
-    """The (task, backbone)'s sections; ``num_workers`` overrides ``ray.num_workers`` (``--workers``)."""
+def job_for(settings: Settings, task: str, backbone: str, *, num_workers: int | None = None,
+            mode: str = "full") -> Job:
+    """The (task, backbone, mode)'s sections; ``num_workers`` overrides ``ray.num_workers`` (``--workers``)."""
     task_settings = settings.task(task)
     task_metric(task_settings, key=f"tasks.{task}.metric")  # a metric the task's kind does not have fails here
     ray = settings.ray
@@ -32,21 +33,25 @@ def job_for(settings: Settings, task: str, backbone: str, *, num_workers: int | 
             ray = build(RaySettings, {**ray.model_dump(), "num_workers": num_workers, "min_workers": floor})
         except ConfigError as exc:
             raise TransferbenchError(f"--workers {num_workers}: {exc}") from None
+    protocol = settings.finetune_for(backbone).model_copy(update={"mode": mode})
     return Job(study=settings.study.name, task=task, task_settings=task_settings, backbone_name=backbone,
-               backbone=settings.backbone(backbone), protocol=settings.finetune_for(backbone), ray=ray,
-               tracking=settings.tracking)
+               backbone=settings.backbone(backbone), protocol=protocol, ray=ray, tracking=settings.tracking)
 
 
 def each_seed(settings: Settings, *, task: str, backbone: str, seeds: Sequence[int] = (),
-              num_workers: int | None = None, metrics_dir: str | Path | None = None,
+              modes: Sequence[str] = (), num_workers: int | None = None, metrics_dir: str | Path | None = None,
               plots_dir: str | Path = "plots/finetune", fresh: bool = False) -> Iterator[dict[str, Any]]:
-    """Fine-tune every seed of ``seeds`` (default ``study.seeds``), yielding each one's metrics JSON when it is done."""
-    job = job_for(settings, task, backbone, num_workers=num_workers)
-    inputs = prepare_inputs(settings.data, task, job.task_settings, job.backbone, job.protocol)
+    """Train every mode x seed (default: the task's, ``Settings.modes_of``/``seeds_of``), yielding each run's
+    metrics JSON when it is done."""
     registry = RunRegistry.from_settings(settings.tracking)
-    for seed in seeds or settings.study.seeds:
-        yield run_seed(job, inputs, registry, seed=seed, metrics_dir=metrics_dir or settings.compare.metrics_dir,
-                       plots_dir=plots_dir, fresh=fresh)
+    inputs = None
+    for mode in modes or settings.modes_of(task):
+        job = job_for(settings, task, backbone, num_workers=num_workers, mode=mode)
+        if inputs is None:  # the modes share the task's inputs (manifests, image caches)
+            inputs = prepare_inputs(settings.data, task, job.task_settings, job.backbone, job.protocol)
+        for seed in seeds or settings.seeds_of(task):
+            yield run_seed(job, inputs, registry, seed=seed, metrics_dir=metrics_dir or settings.compare.metrics_dir,
+                           plots_dir=plots_dir, fresh=fresh)
 
 
 def run(settings: Settings, *, task: str, backbone: str, **options: Any) -> list[dict[str, Any]]:
@@ -54,7 +59,8 @@ def run(settings: Settings, *, task: str, backbone: str, **options: Any) -> list
     return list(each_seed(settings, task=task, backbone=backbone, **options))
 
 
-def run_finetune(settings: Settings, *, task: str, backbone: str, seed: int, **options: Any) -> dict[str, Any]:
-    """One seed's fine-tune (``run`` with ``seeds=[seed]``)."""
-    (result,) = run(settings, task=task, backbone=backbone, seeds=[seed], **options)
+def run_finetune(settings: Settings, *, task: str, backbone: str, seed: int, mode: str = "full",
+                 **options: Any) -> dict[str, Any]:
+    """One run (``run`` with ``seeds=[seed]``, ``modes=[mode]``)."""
+    (result,) = run(settings, task=task, backbone=backbone, seeds=[seed], modes=[mode], **options)
     return result

@@ -1,7 +1,8 @@
 """Stage ``register``: each (task, backbone)'s best checkpoint in the MLflow Model Registry.
 
 The best seed by validation metric (in its task kind's direction) becomes a version of the model
-``<study>.<task>``; aliases ``champion`` and ``best-<family>`` follow the best val scores. Writes
+``<study>.<task>`` (``<study>.<task>.linear_probe`` for linear evaluation; retrieval registers
+nothing); aliases ``champion`` and ``best-<family>`` follow the best val scores. Writes
 ``<data.reports_dir>/registry.json``.
 """
 
@@ -28,7 +29,7 @@ def run(settings: Settings, *, summary: str | Path | None = None) -> list[dict[s
     uri = resolve_tracking_uri(settings.tracking.tracking_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    rows = register_study(MlflowClient(tracking_uri=uri, registry_uri=uri), study_results(settings),
-                          metrics=task_metrics(settings), study=settings.study.name, git_commit=git_commit())
+    rows = register_study(MlflowClient(tracking_uri=uri, registry_uri=uri), study_results(settings, trained_only=True),
+                          metrics=task_metrics(settings, trained_only=True), study=settings.study.name, git_commit=git_commit())
     write_text(Path(summary or Path(settings.data.reports_dir) / "registry.json"), json.dumps(rows, indent=2) + "\n")
     return rows

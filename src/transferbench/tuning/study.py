@@ -315,7 +315,8 @@ class SensitivityObjective:
         self.kind, self.img_size = inputs.kind, inputs.img_size
         mean, std = inputs.spec.mean, inputs.spec.std
         self.train_set = CachedImages(inputs.caches["train"], img_size=self.img_size, mean=mean, std=std, train=True,
-                                      rotation_degrees=self.base.rotation_degrees, hflip=self.base.hflip)
+                                      rotation_degrees=self.base.rotation_degrees, hflip=self.base.hflip,
+                                      augment=self.kind.train_transforms(self.img_size, self.base))
         self.val_set = CachedImages(inputs.caches["val"], img_size=self.img_size, mean=mean, std=std, train=False)
         self.registry = RunRegistry.from_settings(settings.tracking)
         self.device = torch.device("cuda" if settings.ray.use_gpu and torch.cuda.is_available() else "cpu")

@@ -70,6 +70,16 @@ class TaskKind(ABC):
         """Kind-specific figures of the test split, written under ``directory``."""
         return []
 
+    def train_transforms(self, img_size: int, protocol: FinetuneSettings) -> Any:
+        """The kind's own training augmentation on uint8 images (a torchvision v2 transform ending in an
+        ``img_size`` crop), or None: the protocol's random crop, rotation and flip."""
+        return None
+
+    def trivial_baseline(self, train_targets: np.ndarray, test_targets: np.ndarray) -> tuple[str, float] | None:
+        """(what it is, its test value of the selection metric) for a predictor that ignores the image, e.g.
+        predicting the training mean; the drift gate's ``trivial`` learning floor. None: the kind has none."""
+        return None
+
     @abstractmethod
     def prediction_table(self, filenames: Sequence[str], outputs: np.ndarray, targets: np.ndarray) -> pd.DataFrame:
         """One row per sample: what it was and what the model said."""
