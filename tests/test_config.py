@@ -76,8 +76,42 @@ def test_out_of_range_value_names_key_and_allowed_range(tmp_path: Path, raw: dic
 
 
 def test_literal_lists_allowed_values(tmp_path: Path, raw: dict) -> None:
-    raw["finetune"]["mode"] = "partial"
-    with pytest.raises(ConfigError, match=r"finetune\.mode.*'full', 'linear_probe'"):
+    raw["study"]["modes"] = ["full", "partial"]
+    with pytest.raises(ConfigError, match=r"study\.modes\[1\].*'full', 'linear_probe'"):
+        load_settings(_write(tmp_path, raw))
+
+
+def test_training_mode_is_a_study_dimension_not_a_protocol_value(tmp_path: Path, raw: dict) -> None:
+    raw["finetune"]["mode"] = "linear_probe"
+    with pytest.raises(ConfigError, match=r"finetune\.mode.*study dimension: set study\.modes"):
+        load_settings(_write(tmp_path, raw))
+
+
+def test_modes_and_seeds_per_task_and_evaluation_floors(tmp_path: Path, raw: dict) -> None:
+    raw["tasks"]["synthetic"].update(modes=["linear_probe"], seeds=[4, 5])
+    raw["compare"]["learning_floors"] = {"synthetic:linear_probe": 0.5, "synthetic_age": "trivial"}
+    settings = load_settings(_write(tmp_path, raw))
+    assert settings.modes_of("synthetic") == ("linear_probe",) and settings.seeds_of("synthetic") == (4, 5)
+    assert settings.modes_of("covid_geo") == settings.study.modes and settings.seeds_of("covid_geo") == (0, 1, 2)
+    assert settings.modes_of("synthetic_retrieval") == ("frozen",) and settings.seeds_of("synthetic_retrieval") == (0,)
+    raw["compare"]["learning_floors"] = {"synthetic:partial": 0.5}
+    with pytest.raises(ConfigError, match=r"compare\.learning_floors\.synthetic:partial"):
+        load_settings(_write(tmp_path, raw))
+
+
+def test_retrieval_tasks_are_not_trained_and_trained_tasks_need_a_split(tmp_path: Path, raw: dict) -> None:
+    bad = {**raw, "study": {**raw["study"], "tasks": [*raw["study"]["tasks"], "synthetic_retrieval"],
+                            "retrieval_tasks": []}}
+    with pytest.raises(ConfigError, match=r"tasks\.synthetic_retrieval\.kind.*list it under study\.retrieval_tasks"):
+        load_settings(_write(tmp_path, bad))
+    bad = {**raw, "study": {**raw["study"], "retrieval_tasks": ["synthetic"]}}
+    with pytest.raises(ConfigError, match=r"study\.retrieval_tasks.*\['synthetic'\] also listed in study\.tasks"):
+        load_settings(_write(tmp_path, bad))
+    bad = {**raw, "study": {**raw["study"], "retrieval_tasks": ["flowers102"]}}
+    with pytest.raises(ConfigError, match=r"study\.retrieval_tasks.*'flowers102' is a classification task"):
+        load_settings(_write(tmp_path, bad))
+    del raw["tasks"]["synthetic_age"]["split"]
+    with pytest.raises(ConfigError, match=r"tasks\.synthetic_age\.split.*needs a split rule"):
         load_settings(_write(tmp_path, raw))
 
 
