@@ -32,6 +32,15 @@ def test_bad_params_exit_non_zero_naming_the_key(tmp_path: Path, capsys) -> None
     assert "ray.num_wrokers" in err and "did you mean 'num_workers'" in err
 
 
+def test_finetune_and_retrieve_refuse_the_other_kind_naming_the_right_command(capsys) -> None:
+    params = str(ROOT / "params.yaml")
+    assert main(["--params", params, "finetune", "--task", "synthetic_retrieval", "--backbone", "test_resnet"]) == 2
+    assert "retrieval task trains nothing; run `transferbench retrieve --task synthetic_retrieval" in \
+        capsys.readouterr().err
+    assert main(["--params", params, "retrieve", "--task", "synthetic", "--backbone", "test_resnet"]) == 2
+    assert "a classification task; retrieve runs tasks of kind retrieval" in capsys.readouterr().err
+
+
 def test_mlproject_entry_points_call_existing_subcommands() -> None:
     project = yaml.safe_load((ROOT / "MLproject").read_text())
     required = {"main", "split", "validate", "finetune", "sensitivity", "compare"}

@@ -25,6 +25,9 @@ def job_for(settings: Settings, task: str, backbone: str, *, num_workers: int | 
             mode: str = "full") -> Job:
     """The (task, backbone, mode)'s sections; ``num_workers`` overrides ``ray.num_workers`` (``--workers``)."""
     task_settings = settings.task(task)
+    if task_settings.kind == "retrieval":
+        raise TransferbenchError(f"finetune --task {task}: a retrieval task trains nothing; run `transferbench "
+                                 f"retrieve --task {task} --backbone {backbone}` (stage retrieve@{task}-{backbone})")
     task_metric(task_settings, key=f"tasks.{task}.metric")  # a metric the task's kind does not have fails here
     ray = settings.ray
     if num_workers is not None:  # N workers (elastic down to min(min_workers, N) if set); 0: local mode
