@@ -6,6 +6,8 @@ figures, the logged feature extractor loading back and reproducing the cached fe
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -81,6 +83,28 @@ def test_retrieve_tracks_a_run_whose_model_loads_back_and_caches_features(genera
     again = retrieve.run(settings, task="synthetic_retrieval", backbone="test_resnet", plots_dir=generated / "plots")
     assert cache.stat().st_mtime_ns == stamp and again["test_map"] == result["test_map"]
     assert again["mlflow_run_id"] == result["mlflow_run_id"]  # same inputs: the same (keyed) MLflow run
+
+
+def test_random_init_features_are_the_same_in_every_process(generated, tmp_path):
+    """A fresh process without the cache draws the same random-init backbone (seed 0): same mAP, same key."""
+    params = _params(generated)
+    results = []
+    for attempt in range(2):
+        cache = tmp_path / f"cache{attempt}"
+        raw = yaml.safe_load(params.read_text())
+        raw["data"]["cache_dir"] = str(cache)
+        raw["compare"]["metrics_dir"] = str(tmp_path / f"metrics{attempt}")
+        path = tmp_path / f"params{attempt}.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        done = subprocess.run([sys.executable, "-m", "transferbench.cli", "--params", str(path), "retrieve", "--task",
+                               "synthetic_retrieval", "--backbone", "test_vit", "--plots-dir", str(tmp_path / "p")],
+                              cwd=generated, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        results.append(json.loads((tmp_path / f"metrics{attempt}" / "synthetic_retrieval" / "test_vit" / "frozen.json")
+                                  .read_text()))
+        assert list(cache.rglob("*.database.npz"))  # extracted afresh: the first attempt's cache is elsewhere
+    assert results[0]["test_map"] == results[1]["test_map"]
+    assert results[0]["test_ap"] == results[1]["test_ap"]
 
 
 def test_bounding_box_queries_are_a_parameter(generated, monkeypatch):

@@ -1,7 +1,7 @@
 """Stage ``retrieve@<task>-<backbone>``: unsupervised retrieval with a backbone as it is (paper Table 8).
 
-No training and no seeds (deterministic): every database image and query goes through the
-backbone's own pooled features (resize to ``retrieval.resize_ratio`` x the input side, centre crop,
+No training and no seeds (deterministic; a random-init backbone is drawn with seed 0): every
+database image and query goes through the backbone's own pooled features (resize to ``retrieval.resize_ratio`` x the input side, centre crop,
 L2-normalised), every query ranks the database by cosine similarity, and mAP follows the Oxford
 protocol (``evaluation.retrieval``). ``tasks.<task>.retrieval.query`` picks the query's feature: its
 whole image (the paper) or its bounding box.
@@ -38,6 +38,9 @@ from transferbench.models import InputSpec, WeightsSource, create_backbone, effe
 from transferbench.provenance import git_commit
 
 BATCH_SIZE = 32
+# A random-init backbone (weights: none) is drawn from this seed, so its features, and the stage, are
+# deterministic: the result file's seed.
+SEED = 0
 
 
 def curve_path(plots_dir: str | Path, task: str, backbone: str) -> Path:
@@ -81,10 +84,15 @@ def run(settings: Settings, *, task: str, backbone: str, plots_dir: str | Path =
     img_size = effective_img_size(entry, settings.finetune.img_size)
     resize = round(img_size * task_settings.retrieval.resize_ratio)
     weights = WeightsSource.parse(entry.weights)
+    import timm
+    import torch
+
+    torch.manual_seed(SEED)  # random-init weights: the same backbone in every process
     model = create_backbone(entry, img_size=img_size).eval()
     spec = InputSpec.of(model)
     data_version = _digest(paths)
-    key_parts = {"model": entry.model, "weights": entry.weights, "img_size": img_size, "resize": resize,
+    key_parts = {"model": entry.model, "weights": entry.weights, "seed": SEED, "timm": timm.__version__,
+                 "torch": torch.__version__, "img_size": img_size, "resize": resize,
                  "mean": spec.mean, "std": spec.std, "data": data_version,
                  "queries": [(q.name, q.image, q.bbox) for q in queries], "query": task_settings.retrieval.query}
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -123,8 +131,6 @@ def run(settings: Settings, *, task: str, backbone: str, plots_dir: str | Path =
             title = f"{task} / {backbone} ({weights.label}): mAP {mean_ap:.3f}"
             for figure in retrieval.figures(queries, rankings, by_name, Path(tmp), title=title):
                 tracker.log_artifact(figure, "figures")
-        import torch
-
         example = torch.zeros(1, 3, img_size, img_size)
         with torch.inference_mode():
             output = model(example)
@@ -137,7 +143,7 @@ def run(settings: Settings, *, task: str, backbone: str, plots_dir: str | Path =
     result = {
         "task": task, "task_kind": "retrieval", "mode": "frozen", "backbone": backbone, "model": entry.model,
         "family": entry.family, "weights": entry.weights, "weights_label": weights.label,
-        "random_init": weights.random_init, "seed": 0, "study": study, "n_note": "deterministic: no seeds, n = 1",
+        "random_init": weights.random_init, "seed": SEED, "study": study, "n_note": "deterministic: no seeds, n = 1",
         "img_size": img_size, "resize": resize, "query": task_settings.retrieval.query,
         "metric": task_settings.metric, "val_score": None, "test_score": mean_ap, "test_map": mean_ap,
         "baseline": "random ranking", "baseline_score": random_map,
@@ -146,7 +152,7 @@ def run(settings: Settings, *, task: str, backbone: str, plots_dir: str | Path =
         "seconds": round(time.perf_counter() - started, 2), "mlflow_run_id": run_id, "data_version": data_version,
         "feature_cache_key": key, "git_commit": commit,
     }
-    write_text(result_path(settings.compare.metrics_dir, task, backbone, 0, "frozen"),
+    write_text(result_path(settings.compare.metrics_dir, task, backbone, SEED, "frozen"),
                json.dumps(result, indent=2) + "\n")
     curve = "\n".join(f"{float(r)!r},{float(p)!r}" for r, p in zip(recall, precision))
     write_text(curve_path(plots_dir, task, backbone), "recall,precision\n" + curve + "\n")
