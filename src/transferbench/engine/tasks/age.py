@@ -37,6 +37,17 @@ from transferbench.errors import DataError
 WITHIN_YEARS = 5  # CS(5): the cumulative score at 5 years
 
 
+def _softmax_moments(logits: torch.Tensor, n_ages: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(p, m, ages): the softmax over the ages 0..n_ages-1, its mean m per row, and the ages, in float32."""
+    # float32 throughout: bf16 steps 0.5 apart between 64 and 128, too coarse for a mean age. Element-wise
+    # products and sums (no matmul) stay float32 even inside an autocast region. The ages are made on the
+    # logits' device: the loop never moves the loss module.
+    logits = logits.float()
+    ages = torch.arange(n_ages, dtype=torch.float32, device=logits.device)
+    p = logits.softmax(dim=1)
+    return p, (p * ages).sum(dim=1), ages
+
+
 class MeanVarianceLoss(nn.Module):
     """Cross-entropy + ``lambda_mean``·½(m − y)² + ``lambda_var``·v over ages 0..``max_age`` (Pan et al. 2018)."""
 
@@ -45,16 +56,10 @@ class MeanVarianceLoss(nn.Module):
         self.max_age, self.lambda_mean, self.lambda_var = max_age, lambda_mean, lambda_var
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # float32 throughout: bf16 steps 0.5 apart between 64 and 128, too coarse for a mean age. Element-wise
-        # products and sums (no matmul) stay float32 even inside an autocast region. The ages are made
-        # on the logits' device: the loop never moves the loss module.
-        logits = logits.float()
-        ages = torch.arange(self.max_age + 1, dtype=torch.float32, device=logits.device)
-        p = logits.softmax(dim=1)
-        mean = (p * ages).sum(dim=1)
+        p, mean, ages = _softmax_moments(logits, self.max_age + 1)
         variance = (p * (ages - mean[:, None]) ** 2).sum(dim=1)
         mean_term = 0.5 * (mean - targets.float()) ** 2
-        return (F.cross_entropy(logits, targets) + self.lambda_mean * mean_term.mean()
+        return (F.cross_entropy(logits.float(), targets) + self.lambda_mean * mean_term.mean()
                 + self.lambda_var * variance.mean())
 
 
@@ -119,9 +124,8 @@ class Age(TaskKind):
         return MeanVarianceLoss(self.max_age, self.lambda_mean, self.lambda_var)
 
     def statistic(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = outputs.detach().float()
-        ages = torch.arange(logits.shape[1], dtype=torch.float32, device=logits.device)
-        return ((logits.softmax(dim=1) * ages).sum(dim=1) - targets.float()).abs().sum()
+        _, mean, _ = _softmax_moments(outputs.detach(), outputs.shape[1])
+        return (mean - targets.float()).abs().sum()
 
     def evaluate(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, float | None]:
         if len(targets) == 0:
