@@ -38,7 +38,7 @@ import pandas as pd
 
 from transferbench.config import BackboneSettings
 from transferbench.engine.tasks import MetricSpec
-from transferbench.evaluation.results import FinetuneResult
+from transferbench.evaluation.results import FinetuneResult, evaluation_id
 from transferbench.evaluation.significance import friedman_nemenyi
 from transferbench.models.backbones import WeightsSource
 
@@ -83,7 +83,7 @@ def rank_table(results: Sequence[FinetuneResult], *, study: str, task_metrics: M
             baselines.setdefault(r.evaluation, []).append(float(r.raw["baseline_score"]))
             baseline_kinds[r.evaluation] = str(r.raw.get("baseline"))
     families = sorted({b.family for b in backbones.values()})
-    groups = dict(groups or {})
+    groups = groups or {}
 
     tasks: dict[str, Any] = {}
     for task, metric in task_metrics.items():
@@ -146,23 +146,24 @@ def group_ranks(tasks: Mapping[str, Any], backbones: Mapping[str, BackboneSettin
 def full_finetuning_gain(results: Sequence[FinetuneResult], task_metrics: Mapping[str, MetricSpec],
                          backbones: Mapping[str, BackboneSettings]) -> dict[str, Any]:
     """Per task run in both modes: full - linear_probe test metric (better direction positive), paired by seed."""
-    by_run = {(r.task, r.mode, r.backbone, r.seed): r.test_score for r in results}
+    full = {(r.task, r.backbone, r.seed): r.test_score for r in results if r.mode == "full"}
+    probes = sorted((r for r in results if r.mode == "linear_probe"), key=lambda r: (r.backbone, r.seed))
     out: dict[str, Any] = {}
     for evaluation, metric in task_metrics.items():
-        task, _, mode = evaluation.partition(":")
-        if mode != "linear_probe" or task not in task_metrics:
+        runs = [r for r in probes if r.evaluation == evaluation]
+        if not runs or evaluation_id(runs[0].task, "full") not in task_metrics:
             continue
         sign = 1.0 if metric.higher_is_better else -1.0
         gains: dict[str, list[float]] = {}
-        for (t, m, b, seed), score in sorted(by_run.items()):
-            if t == task and m == "linear_probe" and b in backbones and (t, "full", b, seed) in by_run:
-                gains.setdefault(b, []).append(sign * (by_run[t, "full", b, seed] - score))
+        for r in runs:
+            if r.backbone in backbones and (r.task, r.backbone, r.seed) in full:
+                gains.setdefault(r.backbone, []).append(sign * (full[r.task, r.backbone, r.seed] - r.test_score))
         if not gains:
             continue
         family_gains: dict[str, list[float]] = {}
         for b, values in gains.items():
             family_gains.setdefault(backbones[b].family, []).extend(values)
-        out[task] = {
+        out[runs[0].task] = {
             "metric": metric.name, "higher_is_better": metric.higher_is_better,
             "gain": "full fine-tuning minus linear probe, per seed (positive: full is better)",
             "backbones": {b: {"mean": statistics.fmean(v), "std": _spread(v), "n_seeds": len(v)}
