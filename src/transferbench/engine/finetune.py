@@ -150,7 +150,7 @@ def run_seed(job: Job, inputs: TaskInputs, registry: RunRegistry, *, seed: int, 
         "hyperparameters": protocol.hyperparameters, "lr": protocol.lr, "warmup_iters": protocol.warmup_iters,
         "warmup_lr": protocol.warmup_lr, "img_size": inputs.img_size, "num_workers": job.ray.num_workers,
         "metric": metric, "val_score": final.get(f"val_{metric}"), "test_score": final.get(f"test_{metric}"),
-        **_trivial_baseline(kind, inputs, frames),
+        **_trivial_baseline(inputs, frames),
         **{f"{split}_{m.name}": final.get(f"{split}_{m.name}") for split in ("val", "test") for m in kind.metrics},
         **{k: final[k] for k in ("best_epoch", "epochs_run", "best_val_loss", "stop_reason", "resumed_at_epochs")},
         "world_size": final["world_size"], "ray_nodes": len(set(final["worker_nodes"])),
@@ -173,10 +173,11 @@ def _write_outputs(result: dict[str, Any], history: list[dict[str, float]], metr
     write_curve_csv(history, curve_path(plots_dir, *where), statistic=statistic)
 
 
-def _trivial_baseline(kind: Any, inputs: TaskInputs, frames: dict[str, Any]) -> dict[str, Any]:
+def _trivial_baseline(inputs: TaskInputs, frames: dict[str, Any]) -> dict[str, Any]:
     """``baseline`` (what it is) and ``baseline_score`` (its test metric), from the kind's trivial predictor."""
-    baseline = kind.trivial_baseline(kind.targets(frames["train"], inputs.manifests.paths["train"]).numpy(),
-                                     kind.targets(frames["test"], inputs.manifests.paths["test"]).numpy())
+    kind, paths = inputs.kind, inputs.manifests.paths
+    baseline = kind.trivial_baseline(kind.targets(frames["train"], paths["train"]).numpy(),
+                                     kind.targets(frames["test"], paths["test"]).numpy())
     return {"baseline": None, "baseline_score": None} if baseline is None else \
         {"baseline": baseline[0], "baseline_score": baseline[1]}
 
