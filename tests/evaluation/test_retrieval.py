@@ -139,6 +139,7 @@ def test_random_init_backbone_beats_random_rankings_on_synthetic_retrieval(tmp_p
     assert floor < 0.25
     assert mean_ap > floor + 0.3, (mean_ap, floor)
     assert per_query == {q.name: oxford_average_precision(rankings[q.name], q.positives, q.junk) for q in queries}
-    written = figures(queries, rankings, images, tmp_path / "figures", title=model_name, top_k=4, grid_queries=2)
+    written = figures(queries, rankings, images, tmp_path / "figures", per_query=per_query,
+                      mean_curve=mean_precision_recall(queries, rankings), title=model_name, top_k=4, grid_queries=2)
     assert [p.name for p in written] == ["pr_curve.png", "top_k.png"]
     assert all(p.stat().st_size > 0 for p in written)

@@ -174,9 +174,11 @@ def mean_precision_recall(queries: Sequence[Query], rankings: Mapping[str, Seque
 
 
 def figures(queries: Sequence[Query], rankings: Mapping[str, Sequence[str]], image_paths: Mapping[str, Path],
-            out_dir: Path, *, title: str | None = None, top_k: int = 8, grid_queries: int = 4) -> list[Path]:
+            out_dir: Path, *, per_query: Mapping[str, float], mean_curve: tuple[np.ndarray, np.ndarray],
+            title: str | None = None, top_k: int = 8, grid_queries: int = 4) -> list[Path]:
     """Write ``pr_curve.png`` (each query faint, their mean in bold) and ``top_k.png`` (the query
-    crop, then its top-k images framed green/red/grey for positive/negative/junk)."""
+    crop, then its top-k images framed green/red/grey for positive/negative/junk). ``per_query`` and
+    ``mean_curve`` are what ``mean_average_precision`` and ``mean_precision_recall`` returned."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,13 +187,12 @@ def figures(queries: Sequence[Query], rankings: Mapping[str, Sequence[str]], ima
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    per_query = {q.name: oxford_average_precision(rankings[q.name], q.positives, q.junk) for q in queries}
     fig, ax = plt.subplots(figsize=(5, 4))
     for q in queries:
         precision, recall = precision_recall(rankings[q.name], q.positives, q.junk)
         ax.plot(recall, precision, color="tab:blue", alpha=0.15, linewidth=0.8)
     if queries:
-        grid, mean_precision = mean_precision_recall(queries, rankings)
+        grid, mean_precision = mean_curve
         mean_ap = float(np.mean(list(per_query.values())))
         ax.plot(grid, mean_precision, color="tab:blue", linewidth=2.0, label=f"mean (mAP {mean_ap:.3f})")
         ax.legend(loc="upper right")

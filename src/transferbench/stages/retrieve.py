@@ -1,10 +1,11 @@
 """Stage ``retrieve@<task>-<backbone>``: unsupervised retrieval with a backbone as it is (paper Table 8).
 
 No training and no seeds (deterministic; a random-init backbone is drawn with seed 0): every
-database image and query goes through the backbone's own pooled features (resize to ``retrieval.resize_ratio`` x the input side, centre crop,
-L2-normalised), every query ranks the database by cosine similarity, and mAP follows the Oxford
-protocol (``evaluation.retrieval``). ``tasks.<task>.retrieval.query`` picks the query's feature: its
-whole image (the paper) or its bounding box.
+database image and query goes through the backbone's own pooled features (resize to
+``retrieval.resize_ratio`` x the input side, centre crop, L2-normalised), every query ranks the
+database by cosine similarity, and mAP follows the Oxford protocol (``evaluation.retrieval``).
+``tasks.<task>.retrieval.query`` picks the query's feature: its whole image (the paper) or its
+bounding box.
 
 Features are cached under ``<data.cache_dir>/retrieval/<task>/<backbone>/<key>.npz``, the key hashing
 the model, its weights, the input geometry, the query mode and every image's bytes, so a rerun with
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import timm
+import torch
 
 from transferbench.atomic import atomic_path, write_text
 from transferbench.config import Settings
@@ -84,9 +87,6 @@ def run(settings: Settings, *, task: str, backbone: str, plots_dir: str | Path =
     img_size = effective_img_size(entry, settings.finetune.img_size)
     resize = round(img_size * task_settings.retrieval.resize_ratio)
     weights = WeightsSource.parse(entry.weights)
-    import timm
-    import torch
-
     torch.manual_seed(SEED)  # random-init weights: the same backbone in every process
     model = create_backbone(entry, img_size=img_size).eval()
     spec = InputSpec.of(model)
@@ -129,7 +129,8 @@ def run(settings: Settings, *, task: str, backbone: str, plots_dir: str | Path =
         recall, precision = retrieval.mean_precision_recall(queries, rankings)
         with tempfile.TemporaryDirectory() as tmp:
             title = f"{task} / {backbone} ({weights.label}): mAP {mean_ap:.3f}"
-            for figure in retrieval.figures(queries, rankings, by_name, Path(tmp), title=title):
+            for figure in retrieval.figures(queries, rankings, by_name, Path(tmp), per_query=per_query,
+                                            mean_curve=(recall, precision), title=title):
                 tracker.log_artifact(figure, "figures")
         example = torch.zeros(1, 3, img_size, img_size)
         with torch.inference_mode():
