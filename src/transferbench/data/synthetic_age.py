@@ -61,8 +61,9 @@ class SyntheticAge:
     generated = True
 
     def fetch(self, dest: Path, *, mirror: Path | None) -> None:
-        raise DataError(f"the synthetic_age dataset is generated, not fetched: generate it "
-                        f"(transferbench.data.synthetic_age.generate) to create {dest}")
+        raise DataError(f"the synthetic_age dataset is generated, not fetched: run "
+                        f"`transferbench generate synthetic_age` (the generate_synthetic@synthetic_age dvc stage) "
+                        f"to create {dest}")
 
     def manifest(self, root: Path) -> pd.DataFrame:
         meta = read_csv_strict(root / "metadata.csv", required=("filename", "individual", "age"),

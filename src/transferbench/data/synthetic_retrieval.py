@@ -120,8 +120,9 @@ class SyntheticRetrieval:
     generated = True
 
     def fetch(self, dest: Path, *, mirror: Path | None) -> None:
-        raise DataError(f"the synthetic_retrieval dataset is generated, not fetched: generate it with "
-                        f"transferbench.data.synthetic_retrieval.generate into {dest}")
+        raise DataError("the synthetic_retrieval dataset is generated, not fetched: run `transferbench generate "
+                        "synthetic_retrieval` (the generate_synthetic@synthetic_retrieval dvc stage) "
+                        f"to create {dest}")
 
     def manifest(self, root: Path) -> pd.DataFrame:
         return retrieval_manifest(root)
