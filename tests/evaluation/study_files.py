@@ -62,7 +62,8 @@ def metrics_record(task: str, backbone: str, seed: int, metric: str, test: float
     """One metrics JSON as the training stage writes it (input contract of evaluation.results)."""
     val = test if val is None else val
     task, _, mode = task.partition(":")
-    record = {"task": task, "mode": mode or "full", "backbone": backbone, "model": backbone, "family": BACKBONES[backbone][0],
+    record = {"task": task, "mode": mode or "full", "backbone": backbone, "model": backbone,
+              "family": BACKBONES[backbone][0],
               "weights": "none", "random_init": True, "seed": seed, "mlflow_run_id": run_id, "metric": metric,
               "val_loss": 1.0 - val, "best_epoch": 1, "epochs_run": 2, "data_version": "md5:abc",
               "git_commit": "deadbeef"}

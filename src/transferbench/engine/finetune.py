@@ -106,9 +106,8 @@ def run_seed(job: Job, inputs: TaskInputs, registry: RunRegistry, *, seed: int, 
             "random_init": str(weights.random_init).lower(), "seed": seed, "mode": protocol.mode,
             "mlflow.source.git.commit": commit, "data_version": data_version,
             "transferbench.hyperparameters": protocol.hyperparameters}
-    run_id, reused = registry.child_run(study=job.study, run_key=run_name,
-                                        run_name=f"{job.task}/{job.backbone_name}/{protocol.mode}/seed{seed}", tags=tags,
-                                        reuse=previous)
+    run_id, reused = registry.child_run(study=job.study, run_key=run_name, tags=tags, reuse=previous,
+                                        run_name=f"{job.task}/{job.backbone_name}/{protocol.mode}/seed{seed}")
     write_text(persisted, json.dumps({"run_id": run_id}))
     parent_id = registry.study_run(job.study)
     manifests = inputs.manifests

@@ -35,5 +35,6 @@ def task_metrics(settings: Settings, *, trained_only: bool = False) -> dict[str,
 
 def study_results(settings: Settings, *, trained_only: bool = False) -> list[FinetuneResult]:
     """The study's per-run results (``compare.metrics_dir``), strictly read."""
-    return read_study_results(settings.compare.metrics_dir, evaluations=evaluations(settings, trained_only=trained_only),
+    return read_study_results(settings.compare.metrics_dir,
+                              evaluations=evaluations(settings, trained_only=trained_only),
                               backbones={b: settings.backbone(b).family for b in settings.study.backbones})

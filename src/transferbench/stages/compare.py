@@ -1,9 +1,9 @@
 """Stage ``compare``: the paper's rank tables, and (``--baseline``) the drift gate.
 
 Per evaluation (a task in one mode) each backbone's mean ± std over seeds and its rank, per-family
-average ranks, the paper's task groups, the gain from full fine-tuning and the Friedman/Nemenyi analysis -> ``<data.reports_dir>/rank_table.{md,csv,json}`` and figures. With a
-baseline, the new table is compared with it and the learning floors are checked
-(``evaluation.drift``).
+average ranks, the paper's task groups, the gain from full fine-tuning and the Friedman/Nemenyi
+analysis -> ``<data.reports_dir>/rank_table.{md,csv,json}`` and figures. With a baseline, the new
+table is compared with it and the learning floors are checked (``evaluation.drift``).
 """
 
 from __future__ import annotations

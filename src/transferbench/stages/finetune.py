@@ -1,10 +1,10 @@
 """Stage ``finetune@<task>-<backbone>``: train one backbone on one task, once per mode and seed.
 
 Builds the pieces and calls them: the task's inputs (manifests, task kind, the probed backbone,
-the image caches), the MLflow run registry, then one Ray Train run per training mode (``full``, ``linear_probe``: the task's modes, else
-``study.modes``) and seed (``engine.finetune.run_seed``: its own MLflow child run, metrics JSON and
-learning curve). The runs go one after another in this process, so its start-up (importing torch, timm, MLflow and
-Ray Train) is paid once per stage.
+the image caches), the MLflow run registry, then one Ray Train run per training mode (``full``,
+``linear_probe``: the task's modes, else ``study.modes``) and seed (``engine.finetune.run_seed``:
+its own MLflow child run, metrics JSON and learning curve). The runs go one after another in this
+process, so its start-up (importing torch, timm, MLflow and Ray Train) is paid once per stage.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ def run(settings: Settings, *, summary: str | Path | None = None) -> list[dict[s
     uri = resolve_tracking_uri(settings.tracking.tracking_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    rows = register_study(MlflowClient(tracking_uri=uri, registry_uri=uri), study_results(settings, trained_only=True),
-                          metrics=task_metrics(settings, trained_only=True), study=settings.study.name, git_commit=git_commit())
+    rows = register_study(MlflowClient(tracking_uri=uri, registry_uri=uri),
+                          study_results(settings, trained_only=True), metrics=task_metrics(settings, trained_only=True),
+                          study=settings.study.name, git_commit=git_commit())
     write_text(Path(summary or Path(settings.data.reports_dir) / "registry.json"), json.dumps(rows, indent=2) + "\n")
     return rows

@@ -91,7 +91,8 @@ class TaskKind(ABC):
 
     def scheduler(self, optimizer: torch.optim.Optimizer,
                   protocol: FinetuneSettings) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
-        """The paper's schedule: lr times ``plateau_factor`` when the selection metric stalls ``plateau_patience`` epochs."""
+        """The paper's schedule: lr times ``plateau_factor`` when the selection metric stalls
+        ``plateau_patience`` epochs."""
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max" if self.selection.higher_is_better else "min", factor=protocol.plateau_factor,
             patience=protocol.plateau_patience)
