@@ -85,6 +85,27 @@ def test_retrieve_tracks_a_run_whose_model_loads_back_and_caches_features(genera
     assert again["mlflow_run_id"] == result["mlflow_run_id"]  # same inputs: the same (keyed) MLflow run
 
 
+def test_a_rerun_after_a_new_commit_keeps_the_tracked_run(generated, tmp_path, monkeypatch):
+    """Unchanged inputs under a new git commit (what `dvc repro` does after any source change): the finished
+    MLflow run of those inputs is kept, not logged into again (MLflow refuses a changed param value)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "a.txt").write_text("1\n")
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    settings = load_settings(_params(generated))
+    first = retrieve.run(settings, task="synthetic_retrieval", backbone="test_vit", plots_dir=tmp_path / "plots")
+    (repo / "a.txt").write_text("2\n")
+    subprocess.run([*git, "commit", "-qam", "two"], check=True)
+    again = retrieve.run(settings, task="synthetic_retrieval", backbone="test_vit", plots_dir=tmp_path / "plots")
+    assert again["mlflow_run_id"] == first["mlflow_run_id"] and again["test_map"] == first["test_map"]
+    run = mlflow.MlflowClient(settings.tracking.tracking_uri).get_run(first["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and again["git_commit"] == run.data.params["git_commit"] == first["git_commit"]
+
+
 def test_random_init_features_are_the_same_in_every_process(generated, tmp_path):
     """A fresh process without the cache draws the same random-init backbone (seed 0): same mAP, same key."""
     params = _params(generated)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,27 @@ def _features(model: Any, paths: list[Path], boxes: list | None, *, img_size: in
         with open(tmp, "wb") as handle:
             np.savez(handle, features=features)
     return features
+
+
+def _track(registry: RunRegistry, run_id: str, model: torch.nn.Module, *, params: dict[str, Any],
+           metrics: dict[str, float], figures: Callable[[Path], list[Path]], img_size: int) -> None:
+    """Log one retrieval run: params (a run left by a failed attempt keeps those it has), metrics, figures and
+    the feature extractor as a model; the run ends FINISHED, or FAILED if logging fails."""
+    registry.log_params(run_id, params)
+    tracker = MlflowTracker(tracking_uri=registry.tracking_uri, run_id=run_id, system_metrics=False)
+    try:
+        tracker.log_metrics(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            for figure in figures(Path(tmp)):
+                tracker.log_artifact(figure, "figures")
+        example = torch.zeros(1, 3, img_size, img_size)
+        with torch.inference_mode():
+            output = model(example)
+        tracker.log_model(model, input_example=example.numpy(), output_example=output.numpy())
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    tracker.close()
 
 
 def run(settings: Settings, *, task: str, backbone: str, plots_dir: str | Path = "plots/retrieval") -> dict[str, Any]:
@@ -116,30 +138,24 @@ def run(settings: Settings, *, task: str, backbone: str, plots_dir: str | Path =
                                       "weights_label": weights.label, "random_init": str(weights.random_init).lower(),
                                       "mode": "frozen", "data_version": data_version,
                                       "mlflow.source.git.commit": commit})
-    tracker = MlflowTracker(tracking_uri=registry.tracking_uri, run_id=run_id, system_metrics=False)
-    try:
-        tracker.log_params({"task": task, "task.kind": "retrieval", "task.metric": task_settings.metric,
-                            "dataset": task_settings.dataset, "backbone": backbone, "model": entry.model,
-                            "family": entry.family, "weights": entry.weights, "random_init": weights.random_init,
-                            "img_size": img_size, "resize": resize, "query": task_settings.retrieval.query,
-                            "n_queries": len(queries), "n_database": len(names), "data_version": data_version,
-                            "feature_cache_key": key, "git_commit": commit})
-        tracker.log_metrics({"test_map": mean_ap, "random_ranking_map": random_map,
-                             **{f"ap.{name}": ap for name, ap in per_query.items()}})
-        recall, precision = retrieval.mean_precision_recall(queries, rankings)
-        with tempfile.TemporaryDirectory() as tmp:
-            title = f"{task} / {backbone} ({weights.label}): mAP {mean_ap:.3f}"
-            for figure in retrieval.figures(queries, rankings, by_name, Path(tmp), per_query=per_query,
-                                            mean_curve=(recall, precision), title=title):
-                tracker.log_artifact(figure, "figures")
-        example = torch.zeros(1, 3, img_size, img_size)
-        with torch.inference_mode():
-            output = model(example)
-        tracker.log_model(model, input_example=example.numpy(), output_example=output.numpy())
-    except BaseException:
-        tracker.close("FAILED")
-        raise
-    tracker.close()
+    recall, precision = retrieval.mean_precision_recall(queries, rankings)
+    previous = registry.client.get_run(run_id)
+    if previous.info.status == "FINISHED":  # the same inputs (the key hashes them) tracked before: keep that run
+        commit = previous.data.params.get("git_commit", commit)
+    else:
+        _track(registry, run_id, model, params={
+            "task": task, "task.kind": "retrieval", "task.metric": task_settings.metric,
+            "dataset": task_settings.dataset, "backbone": backbone, "model": entry.model,
+            "family": entry.family, "weights": entry.weights, "random_init": weights.random_init,
+            "img_size": img_size, "resize": resize, "query": task_settings.retrieval.query,
+            "n_queries": len(queries), "n_database": len(names), "data_version": data_version,
+            "feature_cache_key": key, "git_commit": commit},
+            metrics={"test_map": mean_ap, "random_ranking_map": random_map,
+                     **{f"ap.{name}": ap for name, ap in per_query.items()}},
+            figures=lambda out: retrieval.figures(
+                queries, rankings, by_name, out, per_query=per_query, mean_curve=(recall, precision),
+                title=f"{task} / {backbone} ({weights.label}): mAP {mean_ap:.3f}"),
+            img_size=img_size)
 
     result = {
         "task": task, "task_kind": "retrieval", "mode": "frozen", "backbone": backbone, "model": entry.model,
