@@ -71,18 +71,22 @@ class StudySettings(Section):
     modes: tuple[Mode, ...] = ("full",)
     # Tasks of kind retrieval: features of the backbones as they are, no training, no seeds.
     retrieval_tasks: tuple[Str, ...] = ()
+    # Tasks of kind multitask: one backbone trained on the tasks it combines (its components, which
+    # must be in study.tasks: each result is also read against their single-task results).
+    multitask_tasks: tuple[Str, ...] = ()
 
     @model_validator(mode="after")
     def _non_empty_and_unique(self) -> StudySettings:
-        for key in ("tasks", "backbones", "seeds", "modes", "retrieval_tasks"):
+        for key in ("tasks", "backbones", "seeds", "modes", "retrieval_tasks", "multitask_tasks"):
             items = getattr(self, key)
-            if not items and key != "retrieval_tasks":
+            if not items and key not in ("retrieval_tasks", "multitask_tasks"):
                 raise invalid(key, "must list at least one entry")
             if len(set(items)) != len(items):
                 raise invalid(key, f"entries must be unique, got {list(items)}")
-        both = set(self.tasks) & set(self.retrieval_tasks)
-        if both:
-            raise invalid("retrieval_tasks", f"{sorted(both)} also listed in study.tasks")
+        for key in ("retrieval_tasks", "multitask_tasks"):
+            both = set(self.tasks) & set(getattr(self, key))
+            if both:
+                raise invalid(key, f"{sorted(both)} also listed in study.tasks")
         return self
 
 
@@ -252,6 +256,36 @@ class RetrievalSettings(Section):
     resize_ratio: Annotated[float, Strict(), Field(ge=1, le=2)] = 256 / 224
 
 
+class DenseSettings(Section):
+    """Dense prediction on one image (PROTOCOL.md, "Dense tasks": NYU Depth V2 segmentation and depth).
+
+    A dense dataset's manifest names, per image, a ``mask`` (8-bit PNG: 0 = unlabelled, ignored;
+    1..num_classes = the classes) and a ``depth`` (16-bit PNG in millimetres; 0 = no reading, ignored).
+    """
+
+    num_classes: PositiveInt = 40  # NYU Depth V2's standard 40-class labels
+    # The UPerNet decoder's channels (smp's decoder_channels; 512 in mmseg's UPerNet, 256 in smp's).
+    decoder_channels: PositiveInt = 256
+    # Depth loss (the paper names none): silog = scale-invariant log (Eigen et al. 2014) with variance
+    # weight silog_lambda, as BTS/AdaBins train on NYU; l1 = mean absolute error in metres.
+    depth_loss: Literal["silog", "l1"] = "silog"
+    silog_lambda: Annotated[float, Strict(), Field(ge=0, le=1)] = 0.85
+    # Depth range (metres) that counts: predictions are clamped to it, and ground truth outside it is invalid
+    # (the usual NYU evaluation caps at 10 m).
+    min_depth: PositiveFloat = 1e-3
+    max_depth: PositiveFloat = 10.0
+
+    @model_validator(mode="after")
+    def _depth_range(self) -> DenseSettings:
+        if self.min_depth >= self.max_depth:
+            raise invalid("min_depth", f"{self.min_depth} must be below max_depth {self.max_depth}")
+        return self
+
+
+TaskKindName = Literal["classification", "age", "retrieval", "segmentation", "depth", "multitask"]
+DENSE_KINDS = ("segmentation", "depth")
+
+
 class TaskSettings(Section):
     """One downstream task: its kind, which dataset it reads, which rows it keeps and how it is split."""
 
@@ -259,23 +293,44 @@ class TaskSettings(Section):
     # Required for the trained kinds; a retrieval task is not split (its queries are the dataset's).
     split: SplitSettings | None = None
     # The task kind (transferbench.engine.tasks): what a target is, the head, loss and metrics.
-    kind: Literal["classification", "age", "retrieval"] = "classification"
+    kind: TaskKindName = "classification"
     # Metric used for model selection and ranking (one of the task kind's metrics).
     metric: Str = "accuracy"
     # The paper's table the task belongs to (rank tables by group); null: a group of its own.
     group: Group | None = None
-    # The task's own seeds and training modes; null: study.seeds, study.modes.
+    # The task's own seeds, training modes and backbones; null: study.seeds, study.modes, study.backbones
+    # (a study backbone the task does not list gets no run on it).
     seeds: tuple[NonNegInt, ...] | None = None
     modes: tuple[Mode, ...] | None = None
+    backbones: tuple[Str, ...] | None = None
+    # The task's own protocol values over the finetune section's, e.g. the dense tasks' iteration-based
+    # protocol ({optimizer: adamw, schedule: poly, max_iters: 20000, ...}); any finetune key but mode.
+    finetune: dict[Str, Any] = {}
     options: TaskOptions = TaskOptions()
     age: AgeSettings = AgeSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
+    dense: DenseSettings = DenseSettings()
+    # multitask: the tasks it trains together (two or more, each a trained task of the study), and the
+    # weight of each one's loss in the sum (null: 1 each).
+    components: tuple[Str, ...] = ()
+    loss_weights: tuple[Annotated[float, Strict(), Field(ge=0)], ...] | None = None
 
     @model_validator(mode="after")
     def _split_seeds_modes(self) -> TaskSettings:
-        if self.kind != "retrieval" and self.split is None:
+        if self.kind not in ("retrieval", "multitask") and self.split is None:
             raise invalid("split", f"a task of kind {self.kind!r} needs a split rule")
-        for key in ("seeds", "modes"):
+        if self.kind == "multitask":
+            if len(self.components) < 2 or len(set(self.components)) != len(self.components):
+                raise invalid("components", f"a multitask task combines two or more distinct tasks, got "
+                                            f"{list(self.components)}")
+            if self.split is not None:
+                raise invalid("split", "a multitask task has no split of its own: it trains on its components' splits")
+            if self.loss_weights is not None and len(self.loss_weights) != len(self.components):
+                raise invalid("loss_weights", f"one weight per component ({len(self.components)}), got "
+                                              f"{list(self.loss_weights)}")
+        elif self.components or self.loss_weights is not None:
+            raise invalid("components", f"only a multitask task has components (this task's kind is {self.kind!r})")
+        for key in ("seeds", "modes", "backbones"):
             items = getattr(self, key)
             if items is not None and (not items or len(set(items)) != len(items)):
                 raise invalid(key, f"must list unique entries, at least one (or null), got {list(items)}")
@@ -343,12 +398,39 @@ class FinetuneSettings(Section):
     # paper: lr/warmup_iters/warmup_lr above for every backbone. tuned: each backbone's
     # backbones.<b>.tuned (from the sensitivity study); runs are tagged with which was used.
     hyperparameters: Literal["paper", "tuned"] = "paper"
+    # adam: the paper's classification optimiser; adamw: decoupled weight decay (the dense tasks').
+    optimizer: Literal["adam", "adamw"] = "adam"
+    # plateau: the classification protocol above (head-only warm-up, lr x plateau_factor on a stalled val
+    # metric, early stop, epochs). poly: the dense protocol, counted in iterations: the whole network warms
+    # up linearly from warmup_lr to lr over warmup_iters, then lr decays as (1 - t/max_iters)^poly_power to
+    # 0 at max_iters; val metrics and a checkpoint every eval_every iterations; no early stop.
+    schedule: Literal["plateau", "poly"] = "plateau"
+    poly_power: PositiveFloat = 0.9
+    max_iters: PositiveInt | None = None
+    eval_every: PositiveInt = 1000
 
     @model_validator(mode="after")
     def _betas(self) -> FinetuneSettings:
         if len(self.adam_betas) != 2:
             raise invalid("adam_betas", f"expected two values [beta1, beta2], got {list(self.adam_betas)}")
+        if self.schedule == "poly" and self.max_iters is None:
+            raise invalid("max_iters", "the poly schedule counts iterations: set max_iters (the paper's dense "
+                                       "tasks: 20000)")
+        if self.schedule == "poly" and self.warmup_iters >= self.max_iters:
+            raise invalid("warmup_iters", f"{self.warmup_iters} leaves no iteration of max_iters "
+                                          f"({self.max_iters}) after the warm-up")
         return self
+
+    @property
+    def iteration_based(self) -> bool:
+        return self.schedule == "poly"
+
+    @property
+    def epochs(self) -> int:
+        """Evaluation rounds: epochs (plateau), or max_iters / eval_every rounds of eval_every iterations (poly)."""
+        if self.schedule == "poly":
+            return -(-self.max_iters // self.eval_every)
+        return self.max_epochs
 
 
 class RaySettings(Section):
@@ -554,7 +636,41 @@ class Settings(Section):
                                                        f"{', '.join(sorted(self.tasks))}")
             if self.tasks[name].kind != "retrieval":
                 raise invalid("study.retrieval_tasks", f"{name!r} is a {self.tasks[name].kind} task, not retrieval")
+        for name in self.study.multitask_tasks:
+            if name not in self.tasks:
+                raise invalid("study.multitask_tasks", f"{name!r} is not defined under 'tasks'; allowed values: "
+                                                       f"{', '.join(sorted(self.tasks))}")
+            if self.tasks[name].kind != "multitask":
+                raise invalid("study.multitask_tasks", f"{name!r} is a {self.tasks[name].kind} task, not multitask")
+            for component in self.tasks[name].components:
+                if component not in self.study.tasks:
+                    raise invalid(f"tasks.{name}.components", f"{component!r} is not in study.tasks: a multi-task "
+                                                              "result is read against its components' single-task "
+                                                              "runs, so the study must train them")
+        for name, task in self.tasks.items():
+            for component in task.components:
+                if component not in self.tasks or self.tasks[component].kind in ("retrieval", "multitask"):
+                    raise invalid(f"tasks.{name}.components", f"{component!r} is not a trained single task under "
+                                                              "'tasks'")
+            for backbone in task.backbones or ():
+                if backbone not in self.backbones:
+                    raise invalid(f"tasks.{name}.backbones", f"{backbone!r} is not defined under 'backbones'")
+            for key in task.finetune:
+                if key not in FinetuneSettings.model_fields or key in ("mode", "hyperparameters"):
+                    allowed = sorted(set(FinetuneSettings.model_fields) - {"mode", "hyperparameters"})
+                    raise invalid(f"tasks.{name}.finetune.{key}", f"not a finetune key a task can set; allowed "
+                                                                  f"values: {', '.join(allowed)}")
+            try:
+                self._protocol(self.finetune, task)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                where = ".".join(str(part) for part in error["loc"])
+                raise invalid(f"tasks.{name}.finetune.{where}" if where else f"tasks.{name}.finetune",
+                              error["msg"]) from None
         for name in (*self.study.tasks, *self.sensitivity.tasks):
+            if name in self.tasks and self.tasks[name].kind == "multitask":
+                raise invalid(f"tasks.{name}.kind", "a multitask task trains on its components' splits: list it "
+                                                    "under study.multitask_tasks, not study.tasks or sensitivity.tasks")
             if name in self.tasks and self.tasks[name].kind == "retrieval":
                 raise invalid(f"tasks.{name}.kind", "a retrieval task trains nothing: list it under "
                                                     "study.retrieval_tasks, not study.tasks or sensitivity.tasks")
@@ -618,9 +734,22 @@ class Settings(Section):
             out.setdefault(entry.preset, []).append(name)
         return {k: tuple(v) for k, v in out.items()}
 
-    def finetune_for(self, backbone: str) -> FinetuneSettings:
-        """The protocol ``backbone`` trains with: finetune's, or its tuned lr and warm-up."""
-        protocol = self.finetune
+    def backbones_of(self, task: str) -> tuple[str, ...]:
+        """The study backbones ``task`` runs on: ``study.backbones``, narrowed by the task's own ``backbones``."""
+        own = self.task(task).backbones
+        return tuple(b for b in self.study.backbones if own is None or b in own)
+
+    @staticmethod
+    def _protocol(finetune: FinetuneSettings, task: TaskSettings) -> FinetuneSettings:
+        if not task.finetune:
+            return finetune
+        return FinetuneSettings.model_validate({**finetune.model_dump(exclude_unset=True), **task.finetune})
+
+    def finetune_for(self, backbone: str, task: str | None = None) -> FinetuneSettings:
+        """The protocol ``backbone`` trains with on ``task``: finetune's, with the task's own values
+        (``tasks.<task>.finetune``) over it, and the backbone's tuned lr and warm-up when
+        finetune.hyperparameters is 'tuned'."""
+        protocol = self.finetune if task is None else self._protocol(self.finetune, self.task(task))
         if protocol.hyperparameters == "paper":
             return protocol
         tuned = self.backbone(backbone).tuned
