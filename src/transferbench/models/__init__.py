@@ -2,13 +2,12 @@
 
 from transferbench.models.backbones import (
     InputSpec,
-    TaskModel,
     WeightsSource,
     WeightsUnavailableError,
-    build_model,
     create_backbone,
     effective_img_size,
 )
+from transferbench.models.task_model import TaskModel, build_model
 
 __all__ = [
     "InputSpec",

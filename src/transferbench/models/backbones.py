@@ -87,20 +87,22 @@ def _create(model: str, *, pretrained: bool, img_size: int, overlay: Mapping[str
         return timm.create_model(model, **kwargs)  # ConvNets accept any input size
 
 
-def create_backbone(backbone: BackboneSettings, *, img_size: int) -> nn.Module:
-    """The timm feature extractor for one catalogue entry, with its declared weights."""
+def with_weights(backbone: BackboneSettings, create: Callable[..., nn.Module]) -> nn.Module:
+    """``create(pretrained=..., overlay=...)`` with the catalogue entry's declared weights: random init (``none``),
+    a local checkpoint (``file:``, timm's ``pretrained_cfg_overlay``) or the hub, failing clearly when they cannot
+    be had (never a silent random init)."""
     source = WeightsSource.parse(backbone.weights)
     if source.kind == "none":
-        return _create(backbone.model, pretrained=False, img_size=img_size, overlay=None)
+        return create(pretrained=False, overlay=None)
     if source.kind == "file":
         path = source.path.expanduser().resolve()
         if not path.is_file():
             raise WeightsUnavailableError(
                 f"backbone {backbone.model!r}: weights file {path} does not exist "
                 f"(weights: {backbone.weights}); `dvc pull` it, or use weights: none for random init")
-        return _create(backbone.model, pretrained=True, img_size=img_size, overlay={"file": str(path)})
+        return create(pretrained=True, overlay={"file": str(path)})
     try:
-        return _create(backbone.model, pretrained=True, img_size=img_size, overlay=None)
+        return create(pretrained=True, overlay=None)
     except (OSError, RuntimeError, ValueError) as exc:  # hub errors subclass OSError/ValueError
         raise WeightsUnavailableError(
             f"backbone {backbone.model!r}: cannot load timm hub weights (weights: hub): "
@@ -109,41 +111,9 @@ def create_backbone(backbone: BackboneSettings, *, img_size: int) -> nn.Module:
             f"or weights: 'none' (random initialisation, reported as random-init)") from exc
 
 
-class TaskModel(nn.Module):
-    """Backbone features -> the task kind's head, with a freezable backbone.
-
-    ``backbone_frozen`` runs the backbone in eval mode under ``torch.no_grad`` (warm-up,
-    linear probe): its parameters get no gradients and its BatchNorm statistics stay put.
-    """
-
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-        self.backbone_frozen = False
-
-    def freeze_backbone(self, frozen: bool) -> None:
-        self.backbone_frozen = frozen
-        self.backbone.train(self.training and not frozen)
-
-    def train(self, mode: bool = True) -> TaskModel:
-        super().train(mode)
-        self.backbone.train(mode and not self.backbone_frozen)
-        return self
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.backbone_frozen:
-            with torch.no_grad():
-                features = self.backbone(images)
-        else:
-            features = self.backbone(images)
-        return self.head(features)
-
-
-def build_model(backbone: BackboneSettings, *, img_size: int, head: Callable[[int], nn.Module]) -> TaskModel:
-    """The catalogue entry's backbone (built first: the seeded initialisation order), then ``head(num_features)``."""
-    features = create_backbone(backbone, img_size=img_size)
-    return TaskModel(features, head(features.num_features))
+def create_backbone(backbone: BackboneSettings, *, img_size: int) -> nn.Module:
+    """The timm feature extractor for one catalogue entry, with its declared weights."""
+    return with_weights(backbone, lambda **weights: _create(backbone.model, img_size=img_size, **weights))
 
 
 @dataclass(frozen=True)
