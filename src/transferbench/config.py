@@ -44,7 +44,7 @@ Fraction = Annotated[float, Strict(), Field(ge=0, le=1)]
 # paper's linear evaluation). A study dimension: study.modes, or a task's own modes.
 Mode = Literal["full", "linear_probe"]
 # The paper's tables (PROTOCOL.md, "Paper tables by task group"); linear evaluation is a group of its own.
-Group = Literal["fine-grained", "scene", "open-domain", "in-domain", "face", "retrieval"]
+Group = Literal["fine-grained", "scene", "open-domain", "in-domain", "face", "retrieval", "multi-task"]
 
 
 def invalid(key: str, message: str) -> PydanticCustomError:
@@ -102,6 +102,9 @@ class SyntheticSettings(Section):
     # Draw each class in its own hue (jittered) as well as its own shape: an easy cue, so that
     # random-init tiny models learn the task within a smoke budget (false: random colours).
     class_hue: Bool = False
+    # The noise behind the shapes: dark (the default) or light, so that two generated domains differ at a
+    # glance (data.synthetic_b, the second domain of the mixed multi-task case, draws it light).
+    background: Literal["dark", "light"] = "dark"
     # Free-text locations in the COVID-19 metadata style ("City, Country"); groups cycle through them.
     locations: tuple[Str, ...] = ("Sydney, Australia", "Boston, USA", "Toronto, Canada", "Cairo, Egypt",
                                   "Milan, Italy", "Tokyo, Japan")
@@ -124,6 +127,23 @@ class SyntheticAgeSettings(Section):
     max_age: PositiveInt = 69
     image_size: Annotated[int, Strict(), Field(ge=16, le=512)] = 64
     seed: NonNegInt = 0
+
+
+class SyntheticDenseSettings(Section):
+    """The generated dense task (transferbench.data.synthetic_dense): shapes at depths, in NYU Depth V2's layout."""
+
+    images: PositiveInt = 96
+    # One class per shape drawn; the mask numbers them 2..len(classes)+1 after the background (1), so a
+    # task on this data has dense.num_classes = len(classes) + 1.
+    classes: tuple[Literal["circle", "square", "triangle", "diamond", "cross"], ...] = ("circle", "square", "triangle")
+    image_size: Annotated[int, Strict(), Field(ge=16, le=512)] = 64
+    seed: NonNegInt = 0
+
+    @model_validator(mode="after")
+    def _classes(self) -> SyntheticDenseSettings:
+        if not self.classes or len(set(self.classes)) != len(self.classes):
+            raise invalid("classes", f"need at least one shape, each once, got {list(self.classes)}")
+        return self
 
 
 class SyntheticRetrievalSettings(Section):
@@ -154,8 +174,11 @@ class DataSettings(Section):
     # case-insensitively). The geographic split assigns regions, never raw countries.
     regions: dict[Str, tuple[Str, ...]] = {}
     synthetic: SyntheticSettings = SyntheticSettings()
+    # The second classification domain of the mixed multi-task case: other shapes, on a light background.
+    synthetic_b: SyntheticSettings = SyntheticSettings(classes=("diamond", "cross"), background="light")
     synthetic_age: SyntheticAgeSettings = SyntheticAgeSettings()
     synthetic_retrieval: SyntheticRetrievalSettings = SyntheticRetrievalSettings()
+    synthetic_dense: SyntheticDenseSettings = SyntheticDenseSettings()
 
     @model_validator(mode="after")
     def _one_region_per_country(self) -> DataSettings:
@@ -289,7 +312,8 @@ DENSE_KINDS = ("segmentation", "depth")
 class TaskSettings(Section):
     """One downstream task: its kind, which dataset it reads, which rows it keeps and how it is split."""
 
-    dataset: Str
+    # The dataset (required but for multitask tasks, which read their components').
+    dataset: Str | None = None
     # Required for the trained kinds; a retrieval task is not split (its queries are the dataset's).
     split: SplitSettings | None = None
     # The task kind (transferbench.engine.tasks): what a target is, the head, loss and metrics.
@@ -317,6 +341,10 @@ class TaskSettings(Section):
 
     @model_validator(mode="after")
     def _split_seeds_modes(self) -> TaskSettings:
+        if self.kind != "multitask" and self.dataset is None:
+            raise invalid("dataset", "missing required key")
+        if self.kind == "multitask" and self.dataset is not None:
+            raise invalid("dataset", "a multitask task reads its components' datasets; remove this key")
         if self.kind not in ("retrieval", "multitask") and self.split is None:
             raise invalid("split", f"a task of kind {self.kind!r} needs a split rule")
         if self.kind == "multitask":
@@ -328,6 +356,8 @@ class TaskSettings(Section):
             if self.loss_weights is not None and len(self.loss_weights) != len(self.components):
                 raise invalid("loss_weights", f"one weight per component ({len(self.components)}), got "
                                               f"{list(self.loss_weights)}")
+            if self.modes not in (None, ("full",)):
+                raise invalid("modes", f"a multitask task trains the whole network (full), got {list(self.modes)}")
         elif self.components or self.loss_weights is not None:
             raise invalid("components", f"only a multitask task has components (this task's kind is {self.kind!r})")
         for key in ("seeds", "modes", "backbones"):
@@ -680,8 +710,12 @@ class Settings(Section):
                     if name not in catalogue:
                         raise invalid(f"{section}.{key}", f"{name!r} is not defined under '{key}'; allowed values: "
                                                           f"{', '.join(sorted(catalogue))}")
-        for name in self.compare.learning_floors:  # a task, or <task>:<mode> for one of its modes
-            task, _, mode = name.partition(":")
+        for name in self.compare.learning_floors:  # a task, <task>:<mode>, or a multitask <task>/<component>
+            task, _, component = name.partition("/")
+            if component and (task not in self.tasks or component not in self.tasks[task].components):
+                raise invalid(f"compare.learning_floors.{name}", f"{component!r} is not a component of a multitask "
+                                                                 f"task {task!r} under 'tasks'")
+            task, _, mode = task.partition(":")
             if task not in self.tasks or mode not in ("", *Mode.__args__):
                 raise invalid(f"compare.learning_floors.{name}", f"{name!r} is not a task under 'tasks' (or "
                                                                  f"<task>:{'|'.join(Mode.__args__)}); tasks: "
@@ -738,6 +772,12 @@ class Settings(Section):
         """The study backbones ``task`` runs on: ``study.backbones``, narrowed by the task's own ``backbones``."""
         own = self.task(task).backbones
         return tuple(b for b in self.study.backbones if own is None or b in own)
+
+    def runs_on(self, task: str, backbone: str) -> bool:
+        """False when the task lists its own backbones and not this one (any backbone runs on a task that lists none,
+        in the study or not)."""
+        own = self.task(task).backbones
+        return own is None or backbone in own
 
     @staticmethod
     def _protocol(finetune: FinetuneSettings, task: TaskSettings) -> FinetuneSettings:

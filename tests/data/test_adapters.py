@@ -19,6 +19,7 @@ from transferbench.data.fetch import RemoteFile
 from transferbench.data.registry import REQUIRED_COLUMNS, get_dataset, list_datasets
 from transferbench.errors import DataError
 # The newer adapters' upstream layouts are built by their own test modules.
+from data.test_nyu_depth_v2 import build_nyu_depth_v2  # noqa: F401
 from data.test_oxford5k import build_oxford5k  # noqa: F401
 from data.test_wikiart import build_wikiart  # noqa: F401
 from engine.test_age import build_fgnet  # noqa: F401
@@ -80,6 +81,19 @@ def build_synthetic(root: Path) -> dict:
     from transferbench.data.synthetic import generate
     generate(SyntheticSettings(groups=3, images_per_group=2, image_size=32), root)
     return {"rows": 6, "labels": {"circle", "square", "triangle"}}
+
+
+def build_synthetic_b(root: Path) -> dict:
+    from transferbench.config import DataSettings
+    from transferbench.data.synthetic import generate
+    generate(DataSettings().synthetic_b.model_copy(update={"groups": 3, "images_per_group": 2}), root)
+    return {"rows": 6, "labels": {"diamond", "cross"}}
+
+
+def build_synthetic_dense(root: Path) -> dict:
+    from transferbench.data.synthetic_dense import generate
+    generate(root, images=5, image_size=32)
+    return {"rows": 5, "labels": {"scene"}}
 
 
 def build_synthetic_age(root: Path) -> dict:

@@ -12,9 +12,11 @@ from transferbench.data import (  # noqa: F401
     fgnet,
     flowers102,
     indoor67,
+    nyu_depth_v2,
     oxford5k,
     synthetic,
     synthetic_age,
+    synthetic_dense,
     synthetic_retrieval,
     wikiart,
 )

@@ -7,7 +7,10 @@ Suites (each expectation is critical unless marked warning):
 - ``train``/``val``/``test``: required columns; filename/label/group strings and not null; labels
   in the task's vocabulary; every image exists, decodes and is at least ``data.min_image_side``;
   the split's regions obey the geographic rule; a tiny split (< ``data.min_split_rows``) warns;
-  ``train`` holds every class.
+  ``train`` holds every class (classification only). A dense task (segmentation, depth) also has
+  ``mask`` and ``depth`` on every row, each file readable and as large as its image: the mask 8-bit
+  single-channel with no class above ``dense.num_classes``, the depth 16-bit with at least one
+  reading (> 0) and none beyond ``dense.max_depth`` (DenseSettings has the format).
 - ``all_splits``: no group and no image in two splits; every row is in the split the geographic
   rule (with its first-image resolution) gives it.
 
@@ -21,13 +24,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from PIL import Image
 
-from transferbench.config import DataSettings, TaskSettings
+from transferbench.config import DENSE_KINDS, DataSettings, DenseSettings, TaskSettings
 from transferbench import atomic
 from transferbench.data.geography import add_regions, geographic_assignment
 from transferbench.data.images import probe_image
@@ -135,6 +141,61 @@ def _image_checks(frame: pd.DataFrame, min_side: int) -> pd.Series:
     return pd.Series(checks, index=frame.index, dtype="object")
 
 
+def _size(path: object) -> tuple[int, int] | None:
+    """An image's (width, height), None when it does not open (image_check reports why)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception:  # PIL raises many types for undecodable data
+        return None
+
+
+def _dense_check(path: object, image_size: tuple[int, int] | None, what: str, modes: tuple[str, ...],
+                 judge: Callable[[str, np.ndarray], str]) -> str:
+    """Why the ``what`` file at ``path`` is unusable, else ``judge(path, pixels)`` ("ok" or why not)."""
+    if not isinstance(path, str):
+        return f"no {what} file named"
+    if not Path(path).is_file():
+        return f"missing: no {what} file at {path}"
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode, size, values = image.mode, image.size, np.asarray(image)
+    except Exception as exc:  # PIL raises many types for undecodable data
+        return f"corrupt: {path} does not decode: {type(exc).__name__}: {exc}"
+    if mode not in modes:
+        return f"wrong format: {path} is PIL mode {mode}, expected {' or '.join(modes)}"
+    if image_size is not None and size != image_size:
+        return f"size differs: {path} is {size[0]}x{size[1]} px, its image {image_size[0]}x{image_size[1]}"
+    return judge(path, values)
+
+
+def _dense_checks(frame: pd.DataFrame, dense: DenseSettings) -> tuple[pd.Series, pd.Series]:
+    """Per row: "ok", or why its mask (8-bit, classes 0..num_classes) or depth (16-bit mm) is unusable."""
+
+    def mask_values(path: str, values: np.ndarray) -> str:
+        top = int(values.max(initial=0))
+        if top > dense.num_classes:
+            return f"class above num_classes: {path} holds {top} > dense.num_classes={dense.num_classes}"
+        return "ok"
+
+    def depth_values(path: str, values: np.ndarray) -> str:
+        valid = values[values > 0]
+        if not valid.size:
+            return f"no valid pixel: {path} is 0 (no reading) everywhere"
+        if valid.max() > dense.max_depth * 1000:
+            return f"depth above max_depth: {path} holds {valid.max() / 1000:g} m > dense.max_depth={dense.max_depth} m"
+        return "ok"
+
+    masks, depths = [], []
+    for filename, mask, depth in zip(frame["filename"], frame.get("mask", [None] * len(frame)),
+                                     frame.get("depth", [None] * len(frame)), strict=True):
+        size = _size(filename) if isinstance(filename, str) else None
+        masks.append(_dense_check(mask, size, "mask", ("L",), mask_values))
+        depths.append(_dense_check(depth, size, "depth", ("I;16", "I;16B"), depth_values))
+    return pd.Series(masks, index=frame.index, dtype="object"), pd.Series(depths, index=frame.index, dtype="object")
+
+
 def validate_task(name: str, task: TaskSettings, data: DataSettings) -> dict:
     """Run every suite for task ``name``; write the reports; raise ``DataError`` on a critical failure."""
     E = None  # noqa: N806 - set once great-expectations is imported
@@ -145,6 +206,8 @@ def validate_task(name: str, task: TaskSettings, data: DataSettings) -> dict:
         raise DataError(f"{summary_path} not found; run `transferbench split {name}` first")
     classes = json.loads(summary_path.read_text())["classes"]
     vocabulary = list(task.options.classes) or classes
+    dense = task.kind in DENSE_KINDS
+    dense_columns = ("mask", "depth") if dense else ()
     geographic = task.split.rule == "geographic"
     rule = task.split.geographic
 
@@ -156,6 +219,7 @@ def validate_task(name: str, task: TaskSettings, data: DataSettings) -> dict:
         E.ExpectColumnValuesToNotBeNull(column="group"),
         E.ExpectColumnValuesToNotBeNull(column="label", severity="warning"),
         E.ExpectColumnValuesToBeUnique(column="filename", severity="warning"),
+        *(E.ExpectColumnToExist(column=c) for c in dense_columns),
     ], ["source_row"])
 
     # each split
@@ -163,6 +227,11 @@ def validate_task(name: str, task: TaskSettings, data: DataSettings) -> dict:
     for split in SPLITS:
         frame = _read_manifest(manifest_path(data, name, split))
         frame["image_check"] = _image_checks(frame, data.min_image_side)
+        for column in dense_columns:
+            if column in frame:
+                frame[column] = frame[column].where(frame[column] != "", None)
+        if dense:  # each row's mask and depth files, read like its image
+            frame["mask_check"], frame["depth_check"] = _dense_checks(frame, task.dense)
         if task.kind == "age" and "age" in frame:  # a non-integer age becomes null and fails the not-null check
             ages = pd.to_numeric(frame["age"], errors="coerce")
             frame["age"] = ages.where(ages == ages.round())
@@ -177,6 +246,11 @@ def validate_task(name: str, task: TaskSettings, data: DataSettings) -> dict:
         ]
         if split == "train" and task.kind == "classification":  # every class seen in training
             expectations.append(E.ExpectColumnDistinctValuesToContainSet(column="label", value_set=vocabulary))
+        if dense:
+            expectations += [*(E.ExpectColumnToExist(column=c) for c in dense_columns),
+                             *(E.ExpectColumnValuesToNotBeNull(column=c) for c in dense_columns),
+                             E.ExpectColumnValuesToBeInSet(column="mask_check", value_set=["ok"]),
+                             E.ExpectColumnValuesToBeInSet(column="depth_check", value_set=["ok"])]
         if task.kind == "age":  # the target: an integer age the softmax covers (0..age.max_age)
             expectations += [E.ExpectColumnToExist(column="age"), E.ExpectColumnValuesToNotBeNull(column="age"),
                              E.ExpectColumnValuesToBeBetween(column="age", min_value=0, max_value=task.age.max_age)]
