@@ -15,7 +15,7 @@ from transferbench.atomic import atomic_path
 
 
 def curve_columns(statistic: str) -> tuple[str, ...]:
-    return ("epoch", "train_loss", "val_loss", f"train_{statistic}", f"val_{statistic}", "lr")
+    return ("epoch", "step", "train_loss", "val_loss", f"train_{statistic}", f"val_{statistic}", "lr")
 
 
 def write_curve_csv(history: Sequence[Mapping[str, float]], path: Path, *, statistic: str) -> Path:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from transferbench.errors import DataError
@@ -92,7 +93,8 @@ def build_cache(manifests: TaskManifests, split: str, *, kind: TaskKind, side: i
     if out.is_file():
         return out
     frame = manifests.frame(split)
-    targets = kind.targets(frame, manifests.paths[split])  # a bad row fails here, before any decoding
+    # a bad row fails here, before any image decoding; dense maps are resized as their images are
+    targets = kind.targets(frame, manifests.paths[split], side=side)
     images = torch.empty((len(frame), 3, side, side), dtype=torch.uint8)
     for row, filename in enumerate(frame["filename"]):
         try:
@@ -106,9 +108,30 @@ def build_cache(manifests: TaskManifests, split: str, *, kind: TaskKind, side: i
     return out
 
 
+def _sample(targets: Any, i: int) -> Any:
+    """Row ``i`` of a target tensor or of each tensor of a dict; per-pixel maps (2-d and more) as ``Mask``, so the
+    geometric transforms move them with the image (nearest neighbour) and the photometric ones leave them."""
+    if isinstance(targets, dict):
+        return {k: _sample(v, i) for k, v in targets.items()}
+    row = targets[i]
+    return tv_tensors.Mask(row) if row.ndim >= 2 else row
+
+
+def _plain(target: Any) -> Any:
+    if isinstance(target, dict):
+        return {k: _plain(v) for k, v in target.items()}
+    return target.as_subclass(torch.Tensor) if isinstance(target, tv_tensors.TVTensor) else target
+
+
+def _length(targets: Any) -> int:
+    return len(next(iter(targets.values()))) if isinstance(targets, dict) else len(targets)
+
+
 class CachedImages(Dataset):
     """Cached uint8 images -> (normalised float tensor, target, index), augmented when ``train``: ``augment``
-    (the task kind's ``train_transforms``) if given, else random crop, rotation and flip from the protocol."""
+    (the task kind's ``train_transforms``) if given, else random crop, rotation and flip from the protocol.
+    The image and its target go through the transforms together: per-pixel targets (masks, depth maps) are
+    cropped and flipped with their image, scalar targets pass through."""
 
     def __init__(self, cache_file: str | Path, *, img_size: int, mean: Sequence[float], std: Sequence[float],
                  train: bool, rotation_degrees: float = 0.0, hflip: bool = False,
@@ -131,10 +154,38 @@ class CachedImages(Dataset):
         self.transform = v2.Compose(steps)
 
     def __len__(self) -> int:
-        return len(self.targets)
+        return _length(self.targets)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        return self.transform(self.images[i]), self.targets[i], i
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Any, int]:
+        image, target = self.transform(tv_tensors.Image(self.images[i]), _sample(self.targets, i))
+        return image.as_subclass(torch.Tensor), _plain(target), i
+
+
+class RoundSampler(Sampler[int]):
+    """The iteration-based protocol's training order: round ``epoch`` (1-based) is ``every`` batches (fewer for
+    the last round, to stop at ``total`` iterations) of seeded shuffles of the dataset, concatenated, this
+    rank's share. Seeded by (seed, epoch), so a run resumed at a round replays it as an uninterrupted run would."""
+
+    def __init__(self, size: int, *, batch_size: int, every: int, total: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.size, self.batch_size, self.every, self.total = size, batch_size, every, total
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> int:
+        return max(0, min(self.every, self.total - (self.epoch - 1) * self.every))
+
+    def __len__(self) -> int:
+        return self._batches() * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        needed = len(self) * self.world_size
+        order = torch.cat([torch.randperm(self.size, generator=generator)
+                           for _ in range(-(-needed // self.size))]) if needed else torch.empty(0, dtype=torch.int64)
+        return iter(order[:needed][self.rank::self.world_size].tolist())
 
 
 def _processes(workers: int, pin_memory: bool) -> dict[str, object]:
@@ -145,7 +196,8 @@ def _processes(workers: int, pin_memory: bool) -> dict[str, object]:
 
 
 def train_loader(dataset: CachedImages, *, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                 world_size: int = 1, workers: int = 0, pin_memory: bool = False,
+                 rounds: tuple[int, int] | None = None) -> DataLoader:
     """Shuffled, sharded across ranks by a seeded sampler (call ``sampler.set_epoch`` each epoch).
 
     Augmentation runs on small in-memory tensors, in the calling process (``workers`` 0) or in
@@ -153,7 +205,15 @@ def train_loader(dataset: CachedImages, *, batch_size: int, seed: int, rank: int
     augmentations from a seed derived from torch's seed, so a run stays repeatable, but a run resumed
     from a checkpoint no longer replays the augmentations of an uninterrupted one). The last short
     batch is dropped so BatchNorm never sees a batch of one.
+
+    ``rounds`` (every, total): the iteration-based protocol; each "epoch" is a round of ``every`` batches
+    (``RoundSampler``) until ``total`` iterations.
     """
+    if rounds is not None:
+        sampler = RoundSampler(len(dataset), batch_size=batch_size, every=rounds[0], total=rounds[1], seed=seed,
+                               rank=rank, world_size=world_size)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False,
+                          **_processes(workers, pin_memory))
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     drop_last = len(dataset) // world_size > batch_size
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,

@@ -44,6 +44,7 @@ from transferbench.engine.curves import write_curve_csv
 from transferbench.engine.inputs import TaskInputs
 from transferbench.engine.ray_driver import fit_on_ray
 from transferbench.engine.spec import FINAL_FILE, HARDWARE_KEYS, WorkerSpec
+from transferbench.engine.tasks import MetricSpec
 from transferbench.engine.tracking import RunRegistry
 from transferbench.models import WeightsSource
 from transferbench.paths import SPLITS
@@ -150,7 +151,8 @@ def run_seed(job: Job, inputs: TaskInputs, registry: RunRegistry, *, seed: int, 
         "warmup_lr": protocol.warmup_lr, "img_size": inputs.img_size, "num_workers": job.ray.num_workers,
         "metric": metric, "val_score": final.get(f"val_{metric}"), "test_score": final.get(f"test_{metric}"),
         **_trivial_baseline(inputs, frames),
-        **{f"{split}_{m.name}": final.get(f"{split}_{m.name}") for split in ("val", "test") for m in kind.metrics},
+        **{f"{split}_{m.name}": final.get(f"{split}_{m.name}") for split in ("val", "test")
+           for m in (*kind.metrics, MetricSpec("loss", higher_is_better=False))},
         **{k: final[k] for k in ("best_epoch", "epochs_run", "best_val_loss", "stop_reason", "resumed_at_epochs")},
         "world_size": final["world_size"], "ray_nodes": len(set(final["worker_nodes"])),
         **{k: final[k] for k in HARDWARE_KEYS},
@@ -158,6 +160,7 @@ def run_seed(job: Job, inputs: TaskInputs, registry: RunRegistry, *, seed: int, 
         "mlflow_run_id": run_id, "mlflow_parent_run_id": parent_id, "data_version": data_version,
         "git_commit": commit, "ray_run_name": run_name,
     }
+    result.update(kind.result_fields(final))
     _write_outputs(result, final["history"], metrics_dir, plots_dir, statistic=kind.train_statistic)
     registry.log_metrics(run_id, {"train_seconds": result["train_seconds"]})
     write_text(run_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
@@ -172,11 +175,22 @@ def _write_outputs(result: dict[str, Any], history: list[dict[str, float]], metr
     write_curve_csv(history, curve_path(plots_dir, *where), statistic=statistic)
 
 
+def _cached_targets(inputs: TaskInputs, split: str) -> Any:
+    """A split's targets as the engine evaluates them: from its cache, per-pixel maps centre-cropped to the input."""
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+
+    def crop(t: torch.Tensor) -> Any:
+        return (TF.center_crop(t, [inputs.img_size] * 2) if t.ndim >= 3 else t).numpy()
+
+    targets = torch.load(inputs.caches[split], weights_only=True)["targets"]
+    return {k: crop(v) for k, v in targets.items()} if isinstance(targets, dict) else crop(targets)
+
+
 def _trivial_baseline(inputs: TaskInputs, frames: dict[str, Any]) -> dict[str, Any]:
     """``baseline`` (what it is) and ``baseline_score`` (its test metric), from the kind's trivial predictor."""
-    kind, paths = inputs.kind, inputs.manifests.paths
-    baseline = kind.trivial_baseline(kind.targets(frames["train"], paths["train"]).numpy(),
-                                     kind.targets(frames["test"], paths["test"]).numpy())
+    kind = inputs.kind
+    baseline = kind.trivial_baseline(_cached_targets(inputs, "train"), _cached_targets(inputs, "test"))
     return {"baseline": None, "baseline_score": None} if baseline is None else \
         {"baseline": baseline[0], "baseline_score": baseline[1]}
 

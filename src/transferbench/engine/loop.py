@@ -10,6 +10,12 @@ the task kind):
   schedule's halving (the kind's ``scheduler``, stepped with the val selection metric after
   warm-up). Early stop after ``early_stop_patience`` epochs without improvement of the kind's
   selection metric, or at ``max_epochs``.
+- ``schedule: poly`` (the dense protocol) counts iterations instead: an "epoch" is a round of
+  ``eval_every`` iterations (the train loader's ``RoundSampler``), the scheduler (linear warm-up
+  of the whole network, then poly decay) steps after every iteration, and training stops after
+  ``max_iters`` iterations with no early stop; the best round by the selection metric is kept.
+
+Outputs and targets are tensors or dicts of tensors (multi-task kinds), batch first.
 
 Distribution is injected, not imported: ``gather`` collects one object from every rank
 (``torch.distributed.all_gather_object`` under DDP, ``[obj]`` alone), so val metrics are
@@ -75,7 +81,7 @@ class FitSession:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
     state: LoopState
     best_model_state: dict[str, torch.Tensor] | None = None
 
@@ -103,7 +109,26 @@ def seed_everything(seed: int, *, epoch: int = 0, rank: int = 0) -> None:
 
 
 def in_warmup(protocol: FinetuneSettings, step: int) -> bool:
-    return protocol.mode == "full" and step < protocol.warmup_iters
+    """In the classification protocol's head-only warm-up (the poly schedule warms up the lr instead)."""
+    return protocol.mode == "full" and protocol.schedule == "plateau" and step < protocol.warmup_iters
+
+
+def tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:
+    """``fn`` on a tensor, or on each value of a dict of them (outputs and targets of multi-task kinds)."""
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    return fn(tree)
+
+
+def _concat(parts: Sequence[Any]) -> Any:
+    """Concatenate per-batch (or per-rank) numpy trees along the batch."""
+    if isinstance(parts[0], dict):
+        return {k: _concat([p[k] for p in parts]) for k in parts[0]}
+    return np.concatenate(parts)
+
+
+def _select(tree: Any, order: np.ndarray) -> Any:
+    return tree_map(lambda a: a[order], tree)
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -111,33 +136,50 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def _to_device(tree: Any, device: torch.device) -> Any:
+    return tree_map(lambda t: t.to(device, non_blocking=True), tree)
+
+
+def _float(tree: Any) -> Any:
+    return tree_map(lambda t: t.float(), tree)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable, *, device: torch.device, gather: Gather = gather_single,
-            autocast: torch.dtype | None = None, channels_last: bool = False,
-            loss_fn: nn.Module | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """Outputs and targets of every sample (all ranks' shards, in dataset order), and the mean loss."""
+            autocast: torch.dtype | None = None, channels_last: bool = False, loss_fn: nn.Module | None = None,
+            reduce: Callable[[Any], Any] | None = None) -> tuple[Any, Any, float]:
+    """Outputs and targets of every sample (all ranks' shards, in dataset order), and the mean loss.
+
+    ``reduce`` (the kind's ``reduce``) shrinks each batch's outputs on the device, after the loss is taken
+    from the full outputs (a dense kind keeps its arg-max mask, not its per-class logits)."""
     was_training = model.training
     model.eval()
     indices, outputs, targets = [], [], []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device, read once (see fit)
     for images, target, idx in loader:
-        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        images, target = images.to(device, non_blocking=True), _to_device(target, device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, autocast):
             out = model(images)
-        out = out.float()
+        out = _float(out)
         if loss_fn is not None:
-            loss_sum += loss_fn(out, target).double() * len(target)
-        indices.append(idx), outputs.append(out), targets.append(target)
+            loss_sum += loss_fn(out, target).double() * len(images)
+        if reduce is not None:
+            out = reduce(out)
+        indices.append(idx), outputs.append(tree_map(lambda t: t.cpu().numpy(), out))
+        targets.append(tree_map(lambda t: t.cpu().numpy(), target))
     model.train(was_training)
-    cat = (lambda xs, shape: torch.cat(xs).cpu().numpy() if xs else np.empty(shape))  # one copy to the host
-    mine = (cat(indices, (0,)), cat(outputs, (0, 0)), cat(targets, (0,)), float(loss_sum))
+    # this rank's share, one array (tree) per field; a rank with no samples sends None
+    mine = ((torch.cat(indices).numpy(), _concat(outputs), _concat(targets)) if indices else None, float(loss_sum))
     parts = gather(mine)
-    order = np.concatenate([p[0] for p in parts]).argsort(kind="stable")
-    all_outputs = np.concatenate([p[1] for p in parts if len(p[1])])[order]
-    all_targets = np.concatenate([p[2] for p in parts])[order]
-    mean_loss = sum(p[3] for p in parts) / max(len(all_targets), 1)
+    shards = [p[0] for p in parts if p[0] is not None]
+    if not shards:
+        raise ValueError("predict: the loader yielded no samples")
+    order = np.concatenate([s[0] for s in shards]).argsort(kind="stable")
+    all_outputs = _select(_concat([s[1] for s in shards]), order)
+    all_targets = _select(_concat([s[2] for s in shards]), order)
+    mean_loss = sum(p[1] for p in parts) / max(len(order), 1)
     return all_outputs, all_targets, mean_loss
 
 
@@ -175,7 +217,8 @@ def fit(model: nn.Module, *, kind: TaskKind, train_loader: Iterable, val_loader:
     # the whole network from lr; linear probing keeps the backbone frozen at lr. The optimiser's lr
     # is set here and at warm-up's end only; after that the plateau schedule owns it.
     task_model.freeze_backbone(in_warmup(protocol, state.step) or protocol.mode == "linear_probe")
-    if state.step == 0:
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    if state.step == 0 and plateau:  # the poly schedule sets the lr of every step itself
         _set_lr(optimizer, protocol.warmup_lr if in_warmup(protocol, 0) else protocol.lr)
     loss_fn = kind.loss(protocol)
 
@@ -194,28 +237,34 @@ def fit(model: nn.Module, *, kind: TaskKind, train_loader: Iterable, val_loader:
         statistic = torch.zeros((), dtype=torch.float64, device=device)
         seen = 0
         for images, targets, _ in train_loader:
-            if protocol.mode == "full" and state.step == protocol.warmup_iters and protocol.warmup_iters:
+            if plateau and protocol.mode == "full" and state.step == protocol.warmup_iters and protocol.warmup_iters:
                 task_model.freeze_backbone(False)  # warm-up is over: the whole network, from lr
                 _set_lr(optimizer, protocol.lr)
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            images, targets = images.to(device, non_blocking=True), _to_device(targets, device)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with _autocast(device, autocast):
                 outputs = model(images)
-            loss = loss_fn(outputs.float(), targets)
+            outputs = _float(outputs)
+            loss = loss_fn(outputs, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if not plateau:
+                scheduler.step()
             state.step += 1
-            loss_sum += loss.detach().double() * len(targets)
+            loss_sum += loss.detach().double() * len(images)
             statistic += kind.statistic(outputs, targets).double()
-            seen += len(targets)
+            seen += len(images)
         totals = np.sum(np.array(gather((float(loss_sum), float(statistic), seen)), dtype=np.float64), axis=0)
         val_outputs, val_targets, val_loss = predict(model, val_loader, device=device, gather=gather,
-                                                     autocast=autocast, channels_last=channels_last, loss_fn=loss_fn)
+                                                     autocast=autocast, channels_last=channels_last, loss_fn=loss_fn,
+                                                     reduce=kind.reduce)
         val = {"loss": val_loss, **kind.evaluate(val_outputs, val_targets)}
         score = val[selection.name]
-        if not in_warmup(protocol, state.step):
+        if score is None:  # e.g. no valid depth pixel in val: nothing to select on
+            raise ValueError(f"val_{selection.name} is undefined on the validation split (empty or no valid target)")
+        if plateau and not in_warmup(protocol, state.step):
             scheduler.step(score)
         # the first epoch improves on nothing unless its score is a number (a NaN loss never improves)
         worst = -math.inf if selection.higher_is_better else math.inf
@@ -236,10 +285,10 @@ def fit(model: nn.Module, *, kind: TaskKind, train_loader: Iterable, val_loader:
         record = {k: v.item() if isinstance(v, np.generic) else v for k, v in record.items()}
         state.history.append(record)
         state.epoch = epoch
-        if state.bad_epochs >= protocol.early_stop_patience:
+        if plateau and state.bad_epochs >= protocol.early_stop_patience:
             state.finished, state.stop_reason = True, "early_stop"
-        elif epoch >= protocol.max_epochs:
-            state.finished, state.stop_reason = True, "max_epochs"
+        elif epoch >= protocol.epochs:
+            state.finished, state.stop_reason = True, "max_epochs" if plateau else "max_iters"
         stop = False
         for hook in hooks:
             stop = bool(hook(record, session)) or stop

@@ -44,19 +44,22 @@ class _Tracking:
     A resumed run logs each epoch once, with no gap: epochs the tracker already has (a run
     killed after logging them) are not logged again, and epochs the resumed checkpoint holds
     but the tracker lacks (killed between the checkpoint and the log) are logged on resume.
+    The MLflow step is the epoch, or with the iteration-based protocol (``by_iteration``) the
+    iteration count at the end of the round, so curves are drawn per iteration.
     """
 
-    def __init__(self, tracker: Tracker, resumed_history: list[dict[str, float]] | None = None) -> None:
-        self.tracker = tracker
+    def __init__(self, tracker: Tracker, resumed_history: list[dict[str, float]] | None = None, *,
+                 by_iteration: bool = False) -> None:
+        self.tracker, self.x = tracker, "step" if by_iteration else "epoch"
         self.logged_through = tracker.last_logged_step("val_loss")  # 0 for a new run
         for record in resumed_history or ():
             self._log(record)
 
     def _log(self, record: dict[str, float]) -> None:
-        epoch = int(record["epoch"])
-        if epoch > self.logged_through:
-            self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-            self.logged_through = epoch
+        step = int(record[self.x])
+        if step > self.logged_through:
+            self.tracker.log_metrics({k: v for k, v in record.items() if k != self.x}, step=step)
+            self.logged_through = step
 
     def __call__(self, record: dict[str, float], session: loop.FitSession) -> bool:
         self._log(record)
@@ -148,14 +151,19 @@ def _run(spec: WorkerSpec) -> None:
     channels_last = on_gpu and settings.channels_last and spec.backbone.family == "convnet"
 
     protocol, kind = spec.protocol, spec.kind
-    model = build_model(spec.backbone, img_size=spec.img_size, head=lambda n: kind.head(n, protocol))
+    model = build_model(spec.backbone, img_size=spec.img_size, head=lambda n: kind.head(n, protocol),
+                        features=kind.features)
     if protocol.mode == "linear_probe":  # before DDP, so DDP only syncs the head
         for p in model.backbone.parameters():
             p.requires_grad_(False)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # Warm-up freezes the backbone for some iterations: DDP must tolerate unused parameters.
-    ddp_kwargs = {"find_unused_parameters": True} if protocol.mode == "full" and protocol.warmup_iters else None
+    if world > 1 and kind.features == "pyramid":  # the dense protocol's batch of 8 over many GPUs: a few images
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # each, so BatchNorm syncs its statistics
+    # Warm-up freezes the backbone for some iterations, and a multi-task batch may hold no image of one head's
+    # dataset: DDP must tolerate unused parameters.
+    head_warmup = protocol.mode == "full" and protocol.schedule == "plateau" and protocol.warmup_iters
+    ddp_kwargs = {"find_unused_parameters": True} if head_warmup or kind.unused_parameters else None
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
     # Which node each rank runs on (rank order), for the run's record: on a cluster the workers of
     # one run may sit on different machines, and change after a node is lost. Local mode: the host.
@@ -172,8 +180,10 @@ def _run(spec: WorkerSpec) -> None:
     # finetune.batch_size is the global batch (the paper's 32): each of the N workers takes 1/N of it,
     # so N workers take the same optimiser steps per epoch, and warm-up iterations mean the same.
     processes = {"workers": settings.loader_workers, "pin_memory": on_gpu}
+    rounds = (protocol.eval_every, protocol.max_iters) if protocol.iteration_based else None
     train = prepare(train_loader(dataset("train", True), batch_size=per_worker_batch(protocol.batch_size, world),
-                                 seed=spec.seed, rank=rank, world_size=world, **processes), add_dist_sampler=False)
+                                 seed=spec.seed, rank=rank, world_size=world, rounds=rounds, **processes),
+                    add_dist_sampler=False)
     val = prepare(eval_loader(dataset("val", False), batch_size=protocol.eval_batch_size, rank=rank,
                               world_size=world, **processes), add_dist_sampler=False)
     test = prepare(eval_loader(dataset("test", False), batch_size=protocol.eval_batch_size, rank=rank,
@@ -189,7 +199,8 @@ def _run(spec: WorkerSpec) -> None:
     tracker: Tracker = (MlflowTracker(tracking_uri=spec.tracking_uri, run_id=spec.mlflow_run_id,
                                       system_metrics=spec.tracking.system_metrics) if rank == 0 else NullTracker())
     hooks: list[loop.EpochHook] = [_Checkpointing(spec, rank),
-                                   _Tracking(tracker, resume["loop"]["history"] if resume else None)]
+                                   _Tracking(tracker, resume["loop"]["history"] if resume else None,
+                                             by_iteration=protocol.iteration_based)]
     try:
         session = loop.fit(model, kind=kind, train_loader=train, val_loader=val, protocol=protocol, seed=spec.seed,
                            device=device, hooks=hooks, resume=resume, gather=_gather, rank=rank, autocast=autocast,
@@ -218,10 +229,11 @@ def _finish(spec: WorkerSpec, session: loop.FitSession, model: torch.nn.Module, 
     task_model = loop.unwrap(model)
     task_model.load_state_dict(best)
     outputs = {}
+    loss_fn = kind.loss(spec.protocol)
     for split, loader in (("val", val), ("test", test)):
-        predicted, targets, _ = loop.predict(model, loader, device=device, gather=_gather, autocast=autocast,
-                                             channels_last=channels_last)
-        outputs[split] = (predicted, targets, kind.evaluate(predicted, targets))
+        predicted, targets, loss = loop.predict(model, loader, device=device, gather=_gather, autocast=autocast,
+                                                channels_last=channels_last, loss_fn=loss_fn, reduce=kind.reduce)
+        outputs[split] = (predicted, targets, {"loss": loss, **kind.evaluate(predicted, targets)})
     best_record = loop.best_record(state.history, state.best_epoch)
     final: dict[str, Any] = {
         "best_epoch": state.best_epoch, "epochs_run": state.epoch, "best_val_loss": best_record["val_loss"],
@@ -243,8 +255,9 @@ def _finish(spec: WorkerSpec, session: loop.FitSession, model: torch.nn.Module, 
 def _log_outcome(spec: WorkerSpec, final: dict[str, Any], outputs: dict[str, Any], task_model: torch.nn.Module,
                  tracker: Tracker) -> None:
     kind = spec.kind
+    # the best checkpoint's scores, as one value each (step 0); val_loss stays the per-epoch curve it already is
     tracker.log_metrics({k: v for k, v in final.items()
-                         if k.startswith(("val_", "test_")) and isinstance(v, float)})
+                         if k.startswith(("val_", "test_")) and k != "val_loss" and isinstance(v, float)})
     tracker.log_metrics({"best_epoch": final["best_epoch"], "epochs_run": final["epochs_run"]})
     tracker.set_tags({"transferbench.stop_reason": final["stop_reason"],
                       "transferbench.resumed_at_epochs": ",".join(map(str, final["resumed_at_epochs"])) or "-",
@@ -256,7 +269,8 @@ def _log_outcome(spec: WorkerSpec, final: dict[str, Any], outputs: dict[str, Any
              f"{', RANDOM INIT' if spec.backbone.weights == 'none' else ''}) seed {spec.seed}")
     with tempfile.TemporaryDirectory() as tmp:
         test_outputs, test_targets, _ = outputs["test"]
-        for figure in kind.figures(test_outputs, test_targets, Path(tmp), title=title):
+        for figure in kind.figures(test_outputs, test_targets, Path(tmp), title=title,
+                                   images=_first_images(spec.cache_files["test"], spec.img_size)):
             tracker.log_artifact(figure, "plots")
         tracker.log_artifact(learning_curve_figure(final["history"], Path(tmp) / "learning_curve.png",
                                                    statistic=kind.train_statistic, title=title), "plots")
@@ -269,5 +283,13 @@ def _log_outcome(spec: WorkerSpec, final: dict[str, Any], outputs: dict[str, Any
                               std=spec.input_spec.std, train=False)
         example = torch.stack([cached[i][0] for i in range(min(2, len(cached)))]).numpy()
         with torch.no_grad():
-            output = cpu_model(torch.from_numpy(example)).numpy()
+            output = loop.tree_map(lambda t: t.numpy(), cpu_model(torch.from_numpy(example)))
         tracker.log_model(cpu_model, input_example=example, output_example=output)
+
+
+def _first_images(cache_file: str, img_size: int, count: int = 4) -> Any:
+    """The split's first ``count`` cached images, centre-cropped as evaluation sees them (uint8, N x 3 x H x W)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    images = torch.load(cache_file, weights_only=True)["images"][:count]
+    return TF.center_crop(images, [img_size, img_size]).numpy()

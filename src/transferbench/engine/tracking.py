@@ -139,8 +139,11 @@ class MlflowTracker:
         from mlflow.models import infer_signature
 
         signature = infer_signature(input_example, output_example)
+        # mlflow.pytorch's pyfunc serves one output tensor: a multi-task model (a dict of outputs) keeps its signature
+        # but no input example, which MLflow would try to serve; load it with mlflow.pytorch.load_model
+        example = None if isinstance(output_example, dict) else input_example
         info = self._mlflow.pytorch.log_model(
-            model, name="model", signature=signature, input_example=input_example, serialization_format="pickle",
+            model, name="model", signature=signature, input_example=example, serialization_format="pickle",
             # explicit requirements: inferring them would import-scan the whole environment
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"])
         return info.model_uri

@@ -27,5 +27,6 @@ def score_split(model: torch.nn.Module, *, task: str, task_settings: TaskSetting
     spec = InputSpec.of(loop.unwrap(model).backbone)
     cache = build_cache(manifests, split, kind=kind, side=spec.cache_side(img_size), cache_dir=cache_dir)
     dataset = CachedImages(cache, img_size=img_size, mean=spec.mean, std=spec.std, train=False)
-    outputs, targets, _ = loop.predict(model, eval_loader(dataset, batch_size=batch_size), device=torch.device("cpu"))
+    outputs, targets, _ = loop.predict(model, eval_loader(dataset, batch_size=batch_size), device=torch.device("cpu"),
+                                       reduce=kind.reduce)
     return kind.evaluate(outputs, targets)

@@ -24,7 +24,7 @@ from transferbench.engine.tasks.base import (
     register_task_kind,
     task_metric,
 )
-from transferbench.engine.tasks import age, classification, retrieval  # noqa: E402,F401  (register the kinds)
+from transferbench.engine.tasks import age, classification, dense, multitask, retrieval  # noqa: E402,F401  (register)
 
 __all__ = ["MetricSpec", "TaskKind", "get_task_kind", "kind_for_task", "list_task_kinds", "register_task_kind",
            "task_metric"]

@@ -105,7 +105,7 @@ class Age(TaskKind):
     def describe(self) -> dict[str, Any]:
         return {"max_age": self.max_age, "lambda_mean": self.lambda_mean, "lambda_var": self.lambda_var}
 
-    def targets(self, frame: pd.DataFrame, manifest: Path) -> torch.Tensor:
+    def targets(self, frame: pd.DataFrame, manifest: Path, *, side: int | None = None) -> torch.Tensor:
         if self.target_column not in frame.columns:
             raise DataError(f"{manifest}: no '{self.target_column}' column (an age task needs each row's age)")
         out = torch.empty(len(frame), dtype=torch.int64)
@@ -151,7 +151,8 @@ class Age(TaskKind):
             steps.append(v2.RandomHorizontalFlip())
         return v2.Compose(steps)
 
-    def figures(self, outputs: np.ndarray, targets: np.ndarray, directory: Path, *, title: str) -> list[Path]:
+    def figures(self, outputs: np.ndarray, targets: np.ndarray, directory: Path, *, title: str,
+                images: np.ndarray | None = None) -> list[Path]:
         import matplotlib
 
         matplotlib.use("Agg")

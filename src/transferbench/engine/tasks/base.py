@@ -28,6 +28,25 @@ class MetricSpec:
         return a > b if self.higher_is_better else a < b
 
 
+@dataclass(frozen=True)
+class PolyFactor:
+    """lr / ``lr`` at iteration t, as mmsegmentation's poly schedule with linear warm-up:
+    (1 - t / max_iters)^power, times 1 - (1 - t / warmup_iters)(1 - warmup_lr / lr) during the warm-up
+    (so t = 0 starts at warmup_lr). A picklable value: the scheduler's state holds no closure."""
+
+    lr: float
+    warmup_lr: float
+    warmup_iters: int
+    max_iters: int
+    power: float
+
+    def __call__(self, step: int) -> float:
+        factor = (1.0 - min(step, self.max_iters) / self.max_iters) ** self.power
+        if step < self.warmup_iters:
+            factor *= 1.0 - (1.0 - step / self.warmup_iters) * (1.0 - self.warmup_lr / self.lr)
+        return factor
+
+
 class TaskKind(ABC):
     """One kind of downstream task. Instances are frozen values (they travel to Ray workers)."""
 
@@ -36,6 +55,14 @@ class TaskKind(ABC):
     selection: ClassVar[MetricSpec]  # val_<name> picks the best epoch (and drives the schedule)
     train_statistic: ClassVar[str]  # per-epoch mean over training samples of ``statistic``
     target_column: ClassVar[str | None] = None  # the manifest column targets come from (MLflow dataset inputs)
+    # What the head reads: "pooled" (the backbone's pooled features, an int) or "pyramid" (its multi-scale
+    # features, ``models.dense``: the head gets the channels of each level).
+    features: ClassVar[str] = "pooled"
+    # Targets are per-pixel maps: cropped and flipped with their image (``tv_tensors.Mask`` in ``CachedImages``).
+    dense_targets: ClassVar[bool] = False
+    # A step may leave some of the model's parameters without a gradient (a multi-task batch with no image of one
+    # head's dataset): DDP must be told to tolerate it.
+    unused_parameters: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -47,12 +74,14 @@ class TaskKind(ABC):
         """The label space as MLflow params (e.g. ``num_classes``, ``classes``)."""
 
     @abstractmethod
-    def targets(self, frame: pd.DataFrame, manifest: Path) -> torch.Tensor:
-        """One target per manifest row; an unusable row raises ``DataError`` naming the file and row."""
+    def targets(self, frame: pd.DataFrame, manifest: Path, *, side: int | None = None) -> Any:
+        """One target per manifest row (a tensor, or a dict of tensors, batch first); an unusable row raises
+        ``DataError`` naming the file and row. ``side``: the cached images' side, which dense maps are resized to."""
 
     @abstractmethod
-    def head(self, in_features: int, protocol: FinetuneSettings) -> nn.Module:
-        """The head on the backbone's pooled features."""
+    def head(self, in_features: Any, protocol: FinetuneSettings) -> nn.Module:
+        """The head on the backbone's features: pooled (``in_features`` is their size) or a pyramid (the
+        channels of each level), as ``features`` says."""
 
     @abstractmethod
     def loss(self, protocol: FinetuneSettings) -> nn.Module:
@@ -66,8 +95,15 @@ class TaskKind(ABC):
     def evaluate(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, float | None]:
         """Every metric of ``metrics`` on one split's outputs (None where undefined)."""
 
-    def figures(self, outputs: np.ndarray, targets: np.ndarray, directory: Path, *, title: str) -> list[Path]:
-        """Kind-specific figures of the test split, written under ``directory``."""
+    def reduce(self, outputs: Any) -> Any:
+        """What evaluation keeps of a batch's outputs, on the device (e.g. a dense kind's arg-max mask instead of
+        its per-class logits, so a split's outputs fit in memory); ``evaluate`` and ``figures`` receive it."""
+        return outputs
+
+    def figures(self, outputs: Any, targets: Any, directory: Path, *, title: str,
+                images: np.ndarray | None = None) -> list[Path]:
+        """Kind-specific figures of the test split, written under ``directory``; ``images``: the first test images
+        as uint8 (N, 3, H, W), for figures that overlay predictions on them."""
         return []
 
     def train_transforms(self, img_size: int, protocol: FinetuneSettings) -> Any:
@@ -80,19 +116,31 @@ class TaskKind(ABC):
         predicting the training mean; the drift gate's ``trivial`` learning floor. None: the kind has none."""
         return None
 
+    def result_fields(self, final: Mapping[str, Any]) -> dict[str, Any]:
+        """What the kind adds to a run's metrics JSON from its final ``val_``/``test_`` scores (e.g. a multi-task
+        run's score on each component)."""
+        return {}
+
     @abstractmethod
     def prediction_table(self, filenames: Sequence[str], outputs: np.ndarray, targets: np.ndarray) -> pd.DataFrame:
         """One row per sample: what it was and what the model said."""
 
     def optimizer(self, parameters: Iterable[nn.Parameter], protocol: FinetuneSettings) -> torch.optim.Optimizer:
-        """The paper's Adam (betas, weight decay from the protocol), at ``protocol.lr``."""
-        return torch.optim.Adam(parameters, lr=protocol.lr, betas=tuple(protocol.adam_betas),
-                                weight_decay=protocol.weight_decay)
+        """The protocol's optimiser at ``protocol.lr``: the paper's Adam, or AdamW (the dense tasks'), with the
+        protocol's betas and weight decay."""
+        optimizer = torch.optim.AdamW if protocol.optimizer == "adamw" else torch.optim.Adam
+        return optimizer(parameters, lr=protocol.lr, betas=tuple(protocol.adam_betas),
+                         weight_decay=protocol.weight_decay)
 
     def scheduler(self, optimizer: torch.optim.Optimizer,
-                  protocol: FinetuneSettings) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
-        """The paper's schedule: lr times ``plateau_factor`` when the selection metric stalls
-        ``plateau_patience`` epochs."""
+                  protocol: FinetuneSettings) -> torch.optim.lr_scheduler.LRScheduler:
+        """The protocol's schedule. ``plateau``: lr times ``plateau_factor`` when the selection metric stalls
+        ``plateau_patience`` epochs (stepped per epoch with the val score). ``poly``: per iteration,
+        ``poly_factor`` (stepped after every optimiser step)."""
+        if protocol.schedule == "poly":
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, PolyFactor(protocol.lr, protocol.warmup_lr,
+                                                                           protocol.warmup_iters,
+                                                                           protocol.max_iters, protocol.poly_power))
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max" if self.selection.higher_is_better else "min", factor=protocol.plateau_factor,
             patience=protocol.plateau_patience)

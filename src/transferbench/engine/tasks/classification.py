@@ -54,7 +54,7 @@ class Classification(TaskKind):
     def describe(self) -> dict[str, Any]:
         return {"num_classes": len(self.classes), "classes": ",".join(self.classes)}
 
-    def targets(self, frame: pd.DataFrame, manifest: Path) -> torch.Tensor:
+    def targets(self, frame: pd.DataFrame, manifest: Path, *, side: int | None = None) -> torch.Tensor:
         index = {name: i for i, name in enumerate(self.classes)}
         out = torch.empty(len(frame), dtype=torch.int64)
         for row, label in enumerate(frame["label"]):
@@ -89,7 +89,8 @@ class Classification(TaskKind):
             out["auroc"] = float(skm.roc_auc_score(targets, softmax(outputs)[:, 1]))
         return out
 
-    def figures(self, outputs: np.ndarray, targets: np.ndarray, directory: Path, *, title: str) -> list[Path]:
+    def figures(self, outputs: np.ndarray, targets: np.ndarray, directory: Path, *, title: str,
+                images: np.ndarray | None = None) -> list[Path]:
         import matplotlib
 
         matplotlib.use("Agg")

@@ -42,7 +42,7 @@ class Retrieval(TaskKind):
         raise ConfigError("a retrieval task trains nothing: run it with `transferbench retrieve` (list it under "
                           "study.retrieval_tasks), not finetune or sensitivity")
 
-    def targets(self, frame: pd.DataFrame, manifest: Path) -> torch.Tensor:
+    def targets(self, frame: pd.DataFrame, manifest: Path, *, side: int | None = None) -> torch.Tensor:
         self._untrained()
 
     def head(self, in_features: int, protocol: FinetuneSettings) -> nn.Module:
