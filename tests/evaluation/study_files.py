@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from transferbench.config import TaskSettings
+
 REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
 # family and ImageNet top-1 of the test backbones (timm test_* models).
@@ -25,11 +27,13 @@ BACKBONES = {
 
 def write_params(root: Path, *, tasks: Mapping[str, str], backbones: Sequence[str], seeds: Sequence[int],
                  study: str = "unit-study", tolerance: float = 0.05, floors: Mapping[str, float] | None = None,
-                 **tracking: str) -> Path:
+                 task_backbones: Mapping[str, Sequence[str]] | None = None,
+                 multitask: Mapping[str, Sequence[str]] | None = None, **tracking: str) -> Path:
     """A params.yaml for a study of ``tasks`` (evaluation -> metric) x ``backbones`` x ``seeds`` under ``root``.
 
     An evaluation ``<task>:linear_probe`` adds that mode to the task; a task whose metric is ``mae`` is an
-    age task (lower is better).
+    age task (lower is better). ``task_backbones``: a task's own backbones; ``multitask``: multitask tasks
+    (study.multitask_tasks, metric loss) -> their components (tasks of ``tasks``).
     """
     # Start from the shipped params so sections other engineers own stay valid as they evolve.
     params = yaml.safe_load(REPO_PARAMS.read_text())
@@ -41,8 +45,16 @@ def write_params(root: Path, *, tasks: Mapping[str, str], backbones: Sequence[st
         spec = task_specs.setdefault(task, {**(age if metric == "mae" else template), "metric": metric,
                                             "modes": []})
         spec["modes"].append(mode or "full")
+    for task, components in (multitask or {}).items():
+        spec = {"kind": "multitask", "metric": "loss", "components": list(components)}
+        if TaskSettings.model_fields["dataset"].is_required():  # until a multitask task may leave it out
+            spec["dataset"] = template["dataset"]
+        task_specs[task] = spec
+    for task, own in (task_backbones or {}).items():
+        task_specs[task]["backbones"] = list(own)
     params |= {
-        "study": {"name": study, "tasks": list(task_specs), "backbones": list(backbones), "seeds": list(seeds)},
+        "study": {"name": study, "tasks": [t for t in task_specs if t not in (multitask or {})],
+                  "backbones": list(backbones), "seeds": list(seeds), "multitask_tasks": list(multitask or {})},
         "data": {**params.get("data", {}), "reports_dir": str(root / "reports"), "splits_dir": str(root / "splits")},
         "tasks": task_specs,
         "backbones": {b: {"model": b, "family": BACKBONES[b][0], "weights": "none", "preset": "tiny",
@@ -71,6 +83,22 @@ def metrics_record(task: str, backbone: str, seed: int, metric: str, test: float
         record[f"val_{m}"] = val if m == metric else val * 0.9
         record[f"test_{m}"] = test if m == metric else test * 0.9
     record[f"val_{metric}"], record[f"test_{metric}"] = val, test  # e.g. mae, outside the loop above
+    record.update(extra)
+    return record
+
+
+def multitask_record(task: str, backbone: str, seed: int, components: Sequence[Mapping[str, Any]], *,
+                     val_loss: float = 1.0, run_id: str = "0" * 32, **extra: Any) -> dict[str, Any]:
+    """One multitask run's metrics JSON (the finetune stage's contract): ``components`` are entries
+    ``{"task", "kind", "metric", "higher_is_better", "val_score", "test_score"}`` in component order."""
+    record = {"task": task, "task_kind": "multitask", "mode": "full", "backbone": backbone, "model": backbone,
+              "family": BACKBONES[backbone][0], "weights": "none", "random_init": True, "seed": seed,
+              "mlflow_run_id": run_id, "metric": "loss", "val_loss": val_loss, "test_loss": val_loss + 0.1,
+              "val_score": val_loss, "test_score": val_loss + 0.1, "baseline_score": None, "best_epoch": 1,
+              "data_version": "md5:abc", "git_commit": "deadbeef", "components": [dict(c) for c in components]}
+    for c in components:
+        record[f"val_{c['task']}.{c['metric']}"] = c["val_score"]
+        record[f"test_{c['task']}.{c['metric']}"] = c["test_score"]
     record.update(extra)
     return record
 

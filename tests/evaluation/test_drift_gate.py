@@ -10,6 +10,7 @@ import pytest
 
 from transferbench.cli import main
 from transferbench.evaluation.drift import compare_rank_tables, has_drift
+from transferbench.evaluation.ranking import SCHEMA
 
 SCORES = {
     "covid_geo": {"test_resnet": [0.60, 0.62, 0.61], "test_convnext": [0.50, 0.52, 0.51],
@@ -89,8 +90,9 @@ def test_family_order_change_is_drift(baseline):
     (None, "not found"),
     ("{not json", "not valid JSON"),
     ("[]", "expected a JSON object"),
-    ('{"schema": "transferbench.rank_table/2", "study": "x"}', "missing key 'backbones'"),
-    ('{"schema": "transferbench.rank_table/1", "study": "x"}', "is not 'transferbench.rank_table/2'; regenerate"),
+    (json.dumps({"schema": SCHEMA, "study": "x"}), "missing key 'multi_task'"),
+    (json.dumps({"schema": SCHEMA, "study": "x", "multi_task": {}}), "missing key 'backbones'"),
+    ('{"schema": "transferbench.rank_table/2", "study": "x"}', f"is not '{SCHEMA}'; regenerate"),
     ('{"schema": "something-else"}', "schema 'something-else' is not"),
 ])
 def test_missing_or_malformed_baseline_is_an_error_not_a_pass(baseline, tmp_path, capsys, content, message):

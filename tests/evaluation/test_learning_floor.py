@@ -30,7 +30,7 @@ BACKBONES = ("test_resnet", "test_convnext", "test_vit", "test_vit2")
 def _params(root: Path, **finetune: float) -> Path:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["study"].update(name="floor-study", tasks=["synthetic"], backbones=list(BACKBONES), seeds=[0],
-                        retrieval_tasks=[])
+                        retrieval_tasks=[], multitask_tasks=[])
     raw["tasks"]["synthetic"]["modes"] = ["full"]
     raw["finetune"].update(finetune)
     raw["ray"]["storage_path"] = str(root / "ray_results")

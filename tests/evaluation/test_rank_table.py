@@ -53,7 +53,8 @@ def test_ranks_ties_share_the_average_rank():
 
 def test_lower_is_better_metric_ranks_the_smallest_first():
     scores = {"age": {"test_resnet": [3.0, 3.2], "test_vit": [5.0, 5.5]}}
-    table = rank_table(_results(scores, {"age": "mae"}), study="s", task_metrics={"age": MetricSpec("mae", higher_is_better=False)},
+    table = rank_table(_results(scores, {"age": "mae"}), study="s",
+                       task_metrics={"age": MetricSpec("mae", higher_is_better=False)},
                        backbones={b: CATALOGUE[b] for b in ("test_resnet", "test_vit")})
     assert table["tasks"]["age"]["higher_is_better"] is False
     assert table["tasks"]["age"]["backbones"]["test_resnet"]["rank"] == 1.0

@@ -11,6 +11,11 @@ Drift (the gate fails) is any of:
   backbone of some family scores below it (above it, for a lower-is-better metric). Ranks can
   hold while every backbone sits at chance; the floor catches a study that stopped learning.
 
+An evaluation may hold a subset of the backbones (it ran only those): only a backbone that appears
+on one side and not the other is structural drift, and a floor judges the families present. A
+floor keyed by a multitask task applies to each of its component evaluations; a component with
+no trivial baseline recorded is not checked against ``trivial`` (the report says so).
+
 Ranks are always re-derived from the means (``ranking.rank_scores``) on both sides rather than
 trusted from the file, so a hand-edited baseline mean is judged by what it implies; the report
 says when a file's stored ranks disagree with its means. A missing or malformed baseline is an
@@ -66,6 +71,7 @@ def validate_rank_table(table: Any, source: str) -> dict[str, Any]:
     if schema != SCHEMA:
         raise DriftError(f"{source}: rank table schema {schema!r} is not {SCHEMA!r}; regenerate it")
     _expect(table, "study", str, "", source)
+    _expect(table, "multi_task", Mapping, "", source)
     number = (int, float)
     backbones = _expect(table, "backbones", Mapping, "", source)
     for name, b in backbones.items():
@@ -186,38 +192,58 @@ def check_learning_floors(table: Mapping[str, Any], floors: Mapping[str, float |
 
     A floor is a score, or ``"trivial"``: strictly better than the evaluation's trivial baseline (the
     table's ``trivial_baseline``: predicting the training mean for age, a random ranking for retrieval).
+    Only the families present on an evaluation (that ran some of its backbones) are judged. A floor keyed
+    by a multitask task applies to each of its component evaluations.
     """
     checks: list[Change] = []
-    for task, floor in sorted(floors.items()):
-        t = table["tasks"].get(task)
-        if t is None:  # dropping the task from the study is structural drift against the baseline
-            checks.append(Change("floor", task, "(no family)", str(floor), "task not in this study", False,
+    for key, floor in sorted(floors.items()):
+        evaluations = _floor_evaluations(table, key)
+        if not evaluations:  # dropping the task from the study is structural drift against the baseline
+            checks.append(Change("floor", key, "(no family)", str(floor), "task not in this study", False,
                                  "not checked: the study does not run this task"))
-            continue
-        higher = t["higher_is_better"]
-        trivial = floor == "trivial"
+        for task in evaluations:
+            checks += _check_floor(table, task, floor)
+    return checks
+
+
+def _floor_evaluations(table: Mapping[str, Any], key: str) -> list[str]:
+    """The evaluations a floor keyed ``key`` applies to: that evaluation, or each component of a multitask task."""
+    if key in table["tasks"]:
+        return [key]
+    return [e for e, t in table["tasks"].items() if t.get("component") is not None and t.get("task") == key]
+
+
+def _check_floor(table: Mapping[str, Any], task: str, floor: float | str) -> list[Change]:
+    """One line per family present on ``task``: its best backbone against ``floor``."""
+    t = table["tasks"][task]
+    higher = t["higher_is_better"]
+    trivial = floor == "trivial"
+    if trivial:
+        if t.get("trivial_baseline") is None and t.get("component") is not None:
+            return [Change("floor", task, "(no family)", "trivial", "no trivial baseline", False,
+                           f"not checked: the multi-task component {task} records no trivial baseline, so the "
+                           "trivial floor does not apply")]
+        if t.get("trivial_baseline") is None:
+            return [Change("floor", task, "(no family)", "trivial", "no trivial baseline", True,
+                           f"LEARNING FLOOR: {task}'s task kind records no trivial baseline to beat")]
+        floor = float(t["trivial_baseline"])
+    by_family: dict[str, list[tuple[float, str]]] = {}
+    for name, cell in t["backbones"].items():
+        by_family.setdefault(table["backbones"][name]["family"], []).append((cell["mean"], name))
+    checks = []
+    for family, scores in sorted(by_family.items()):
+        pick = max if higher else min  # the first best in catalogue order on a tie
+        best, name = pick(scores, key=lambda s: s[0])
         if trivial:
-            if t.get("trivial_baseline") is None:
-                checks.append(Change("floor", task, "(no family)", "trivial", "no trivial baseline", True,
-                                     f"LEARNING FLOOR: {task}'s task kind records no trivial baseline to beat"))
-                continue
-            floor = float(t["trivial_baseline"])
-        by_family: dict[str, list[tuple[float, str]]] = {}
-        for name, cell in t["backbones"].items():
-            by_family.setdefault(table["backbones"][name]["family"], []).append((cell["mean"], name))
-        for family, scores in sorted(by_family.items()):
-            pick = max if higher else min  # the first best in catalogue order on a tie
-            best, name = pick(scores, key=lambda s: s[0])
-            if trivial:
-                met = best > floor if higher else best < floor
-                bound = f"{'>' if higher else '<'} {floor:.4g} (trivial baseline)"
-            else:
-                met = best >= floor if higher else best <= floor
-                bound = f"{'>=' if higher else '<='} {floor:g}"
-            why = (f"best {family} backbone {name} meets the floor" if met else
-                   f"LEARNING FLOOR: the best {family} backbone ({name}) scores {best:.4f} {t['metric']}, "
-                   f"not {bound}: the study may have stopped learning")
-            checks.append(Change("floor", task, family, bound, f"{best:.4f} ({name})", not met, why))
+            met = best > floor if higher else best < floor
+            bound = f"{'>' if higher else '<'} {floor:.4g} (trivial baseline)"
+        else:
+            met = best >= floor if higher else best <= floor
+            bound = f"{'>=' if higher else '<='} {floor:g}"
+        why = (f"best {family} backbone {name} meets the floor" if met else
+               f"LEARNING FLOOR: the best {family} backbone ({name}) scores {best:.4f} {t['metric']}, "
+               f"not {bound}: the study may have stopped learning")
+        checks.append(Change("floor", task, family, bound, f"{best:.4f} ({name})", not met, why))
     return checks
 
 
@@ -234,8 +260,11 @@ def drift_markdown(changes: list[Change], *, baseline: str, tolerance: float) ->
     if drift:
         lines.append(f"**DRIFT: {len(drift)} change(s) fail the gate** (metric tolerance {tolerance:g}).")
     else:
+        unchecked = sum(1 for c in floors if c.subject == "(no family)")  # floors that did not apply
+        met = "" if not floors else ", and every learning floor is met" if not unchecked else \
+            f", and every learning floor checked is met ({unchecked} not checked, see below)"
         lines.append(f"**No drift**: every rank and the family order match the baseline "
-                     f"(metric tolerance {tolerance:g})" + (", and every learning floor is met." if floors else "."))
+                     f"(metric tolerance {tolerance:g}){met}.")
     if not moves:
         lines += ["", "Nothing moved."]
     else:
@@ -249,6 +278,7 @@ def drift_markdown(changes: list[Change], *, baseline: str, tolerance: float) ->
         lines += ["", "### Learning floors", "", "| met | task | family | floor | best backbone | why |",
                   "|---|---|---|---|---|---|"]
         for c in floors:
-            lines.append(f"| {'no: **fails the gate**' if c.drift else 'yes'} | {c.task} | {c.subject} | "
+            met = "no: **fails the gate**" if c.drift else "not checked" if c.subject == "(no family)" else "yes"
+            lines.append(f"| {met} | {c.task} | {c.subject} | "
                          f"{c.before} | {c.after} | {c.why} |")
     return "\n".join(lines) + "\n"

@@ -1,8 +1,10 @@
 """Best fine-tuned checkpoints into the MLflow Model Registry, with champion and per-family aliases.
 
 Layout: one registered model per (study, evaluation), named ``<study>.<task>`` for full fine-tuning
-and ``<study>.<task>.linear_probe`` for linear evaluation; one version per backbone (its best seed).
-Retrieval evaluations train nothing and register nothing. Aliases on each registered model:
+and ``<study>.<task>.linear_probe`` for linear evaluation; one version per backbone it ran (its best
+seed). A multitask task is one model, ``<study>.<multitask task>``, whose checkpoints are chosen by
+the multitask task's own selection metric (its summed val loss, lower is better), not per
+component. Retrieval evaluations train nothing and register nothing. Aliases on each registered model:
 
 - ``champion``: the best backbone on the task;
 - ``best-convnet`` / ``best-transformer``: the best backbone of each family (``best-<family>``).

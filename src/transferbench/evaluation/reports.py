@@ -2,6 +2,8 @@
 
 All four carry the same numbers (the JSON is the rank table itself; the CSV is its long form).
 The JSON is a DVC metric, so ``dvc metrics diff`` shows ranks and means moving between commits.
+A backbone that did not run an evaluation (``tasks.<task>.backbones``) has no cell there: "—" in
+Markdown, no CSV row, a blank square in the heat-map.
 """
 
 from __future__ import annotations
@@ -31,6 +33,21 @@ def _rank(value: float) -> str:
     return f"{value:g}" if value == int(value) or value * 2 == int(value * 2) else f"{value:.2f}"
 
 
+def _average(value: float | None, bold: bool = False) -> str:
+    """An average rank; "n/a" for a backbone or family that ran none of the evaluations averaged."""
+    if value is None:
+        return "n/a"
+    return f"**{value:.2f}**" if bold else f"{value:.2f}"
+
+
+def _by_average_rank(items: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Entries best average rank first; those without one last."""
+    return sorted(items.items(), key=lambda kv: (kv[1]["average_rank"] is None, kv[1]["average_rank"] or 0, kv[0]))
+
+
+NOT_RUN = "—"
+
+
 def rank_table_markdown(table: dict[str, Any]) -> str:
     """The paper-style table: backbones x tasks with mean ± std (rank), then family ranks."""
     tasks, backbones, families = table["tasks"], table["backbones"], table["families"]
@@ -40,8 +57,10 @@ def rank_table_markdown(table: dict[str, Any]) -> str:
         lines += [f"**Weights: {', '.join(labels)}.** Backbones not initialised from pretrained hub weights "
                   "are marked in every row; their ranks say nothing about pretrained transfer.", ""]
     lines += ["Per evaluation (a task in one mode: `task` = full fine-tuning or retrieval, `task:linear_probe` = "
-              "linear evaluation): mean ± std of the test metric over seeds, (rank). Rank 1 is best; "
-              "ties share the average rank; ↓ marks lower-is-better metrics (ranked ascending).", ""]
+              "linear evaluation, `multitask/component` = one component of a multi-task model): mean ± std of the "
+              "test metric over seeds, (rank). Rank 1 is best; ties share the average rank; ↓ marks lower-is-better "
+              f"metrics (ranked ascending); {NOT_RUN} = the evaluation does not run that backbone (it ranks those "
+              "it runs, and a backbone's average rank is over the evaluations it ran).", ""]
     for name, t in tasks.items():
         if t.get("n_note"):
             lines.append(f"- `{name}`: {t['n_note']}.")
@@ -54,13 +73,14 @@ def rank_table_markdown(table: dict[str, Any]) -> str:
     header += [f"{t} ({v['metric']}{'' if v['higher_is_better'] else ' ↓'})" for t, v in tasks.items()]
     header += ["average rank"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, b in sorted(backbones.items(), key=lambda kv: (kv[1]["average_rank"], kv[0])):
+    for name, b in _by_average_rank(backbones):
         row = [f"`{name}`", b["family"], b["weights_label"],
                "n/a" if b["imagenet_top1"] is None else f"{b['imagenet_top1']:.1f}"]
         for task in tasks.values():
-            cell = task["backbones"][name]
-            row.append(f"{_num(cell['mean'])} ± {_num(cell['std'])} ({_rank(cell['rank'])})")
-        row.append(f"**{b['average_rank']:.2f}**")
+            cell = task["backbones"].get(name)
+            row.append(NOT_RUN if cell is None else
+                       f"{_num(cell['mean'])} ± {_num(cell['std'])} ({_rank(cell['rank'])})")
+        row.append(_average(b["average_rank"], bold=True))
         lines.append("| " + " | ".join(row) + " |")
 
     lines += ["", "## Families", "",
@@ -68,15 +88,17 @@ def rank_table_markdown(table: dict[str, Any]) -> str:
               ""]
     header = ["family", "backbones"] + list(tasks) + ["average rank"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, f in sorted(families.items(), key=lambda kv: (kv[1]["average_rank"], kv[0])):
+    for name, f in _by_average_rank(families):
         row = [name, ", ".join(f"`{b}`" for b in f["backbones"])]
-        row += [f"{task['family_rank'][name]:.2f}" for task in tasks.values()]
-        row.append(f"**{f['average_rank']:.2f}**")
+        row += [f"{task['family_rank'][name]:.2f}" if name in task["family_rank"] else NOT_RUN
+                for task in tasks.values()]
+        row.append(_average(f["average_rank"], bold=True))
         lines.append("| " + " | ".join(row) + " |")
     order = " before ".join(" = ".join(group) for group in table["family_order"])
     lines += ["", f"Family order (best first): {order}.", ""]
     lines += _groups_markdown(table)
     lines += _gain_markdown(table)
+    lines += _multi_task_markdown(table)
     lines += ["## Significance across tasks", ""]
     lines += _significance_markdown(table["significance"])
     return "\n".join(lines) + "\n"
@@ -95,7 +117,8 @@ def _groups_markdown(table: dict[str, Any]) -> list[str]:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, g in groups.items():
         row = [group, ", ".join(f"`{e}`" for e in g["evaluations"])]
-        row += [f"{g['backbones'][b]:.2f}" for b in names] + [f"**{g['families'][f]:.2f}**" for f in families]
+        row += [_average(g["backbones"][b]) for b in names]
+        row += [_average(g["families"][f], bold=True) for f in families]
         lines.append("| " + " | ".join(row) + " |")
     return lines + [""]
 
@@ -122,11 +145,71 @@ def _gain_markdown(table: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _change(cell: dict[str, Any] | None, bold: bool = False) -> str:
+    """A relative change (%), signed, mean ± std; "n/a" when undefined."""
+    if cell is None:
+        return "n/a"
+    text = f"{round(cell['mean'], 2) + 0.0:+.2f} ± {_num(cell['std'], 2)}"  # + 0.0: no "-0.00"
+    return f"**{text}**" if bold else text
+
+
+def _multi_task_markdown(table: dict[str, Any]) -> list[str]:
+    """Paper Tables 9-13: per multi-task model and component, performance, relative change (%) and rank."""
+    multi = table.get("multi_task") or {}
+    if not multi:
+        return []
+    lines = ["## Multi-task (paper Tables 9–13)", "",
+             "Per multi-task model and component: performance = the component's test metric, mean ± std over "
+             "seeds; relative change (%) over single-task training of the same backbone, paired by seed: "
+             "100·(multi − single)/|single| (for ↓ metrics, 100·(single − multi)/|single|), so **positive means the "
+             "multi-task model is better**, mean ± std over seeds (per family: over its backbones' seeds); rank by "
+             "performance among the backbones the model ran.", ""]
+    backbones, families = table["backbones"], sorted(table["families"])
+    for task, entry in multi.items():
+        components, routing = entry["components"], entry.get("routing_accuracy")
+        header = ["backbone", "family"]
+        for component, c in components.items():
+            header += [f"`{component}` {c['metric']}{'' if c['higher_is_better'] else ' ↓'}",
+                       "relative change (%)", "rank"]
+        header += ["routing accuracy"] if routing else []
+        lines += [f"### `{task}`", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        notes = []
+        for name in backbones:
+            if not any(name in c["backbones"] for c in components.values()):
+                continue
+            row = [f"`{name}`", backbones[name]["family"]]
+            for component, c in components.items():
+                cell = c["backbones"].get(name)
+                if cell is None:
+                    row += [NOT_RUN] * 3
+                    continue
+                perf = cell["performance"]
+                row += [f"{_num(perf['mean'])} ± {_num(perf['std'])}", _change(cell["relative_change"]),
+                        _rank(cell["rank"])]
+                if cell.get("note"):
+                    notes.append(f"- `{name}` on `{component}`: {cell['note']}.")
+            if routing:
+                r = routing.get(name)
+                row.append(NOT_RUN if r is None else f"{_num(r['mean'])} ± {_num(r['std'])}")
+            lines.append("| " + " | ".join(row) + " |")
+        for family in families:
+            row = [f"{family} (family)", ""]
+            for c in components.values():
+                row += ["", _change(c["families"].get(family), bold=True), ""]
+            lines.append("| " + " | ".join(row + ([""] if routing else [])) + " |")
+        lines += ([""] + notes if notes else []) + [""]
+    return lines
+
+
 def _significance_markdown(sig: dict[str, Any]) -> list[str]:
+    left_out = sig.get("left_out") or {}
+    note = [] if not left_out else [
+        "Left out of the test, which needs every backbone on every evaluation: "
+        + ", ".join(f"`{e}` ({why})" for e, why in left_out.items()) + ".", ""]
     if not sig["applies"]:
-        return [f"The Friedman test does not apply: {sig['reason']}."]
+        return note + [f"The Friedman test does not apply: {sig['reason']}."]
     verdict = "significant" if sig["significant"] else "not significant"
-    lines = [f"Friedman test over {sig['n_tasks']} tasks and {sig['n_backbones']} backbones: "
+    lines = note + [f"Friedman test over {sig['n_tasks']} tasks and {sig['n_backbones']} backbones: "
              f"χ² = {sig['statistic']:.3f}, p = {sig['p_value']:.4g} ({verdict} at α = {sig['alpha']}).",
              f"Nemenyi critical difference: {sig['critical_difference']:.3f} average ranks "
              "(see rank_cd_diagram.png).", ""]
@@ -142,7 +225,7 @@ def rank_table_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     backbones = table["backbones"]
     for task, t in table["tasks"].items():
-        for name, cell in t["backbones"].items():
+        for name, cell in t["backbones"].items():  # the backbones the evaluation ran
             b = backbones[name]
             rows.append({"scope": "task", "task": task, "mode": t.get("mode"), "group": t.get("group"),
                          "metric": t["metric"], "backbone": name,
@@ -156,17 +239,45 @@ def rank_table_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
                      "imagenet_top1": b["imagenet_top1"], "rank": b["average_rank"]})
     for family, f in table["families"].items():
         rows.append({"scope": "family_average", "family": family, "rank": f["average_rank"]})
-    for group, g in (table.get("groups") or {}).items():
+    for group, g in (table.get("groups") or {}).items():  # no row for a backbone that ran none of the group
         rows += [{"scope": "group", "group": group, "backbone": b, "family": backbones[b]["family"], "rank": r}
-                 for b, r in g["backbones"].items()]
-        rows += [{"scope": "group_family", "group": group, "family": f, "rank": r} for f, r in g["families"].items()]
+                 for b, r in g["backbones"].items() if r is not None]
+        rows += [{"scope": "group_family", "group": group, "family": f, "rank": r} for f, r in g["families"].items()
+                 if r is not None]
     for task, g in (table.get("gain_from_full_finetuning") or {}).items():
         rows += [{"scope": "gain_full_minus_linear", "task": task, "metric": g["metric"], "backbone": b,
                   "family": backbones[b]["family"], "mean": c["mean"], "std": c["std"], "n_seeds": c["n_seeds"]}
                  for b, c in g["backbones"].items()]
         rows += [{"scope": "gain_full_minus_linear_family", "task": task, "metric": g["metric"], "family": f,
                   "mean": c["mean"], "std": c["std"], "n_seeds": c["n"]} for f, c in g["families"].items()]
+    rows += _multi_task_rows(table)
     return [{c: row.get(c) for c in CSV_COLUMNS} for row in rows]
+
+
+def _multi_task_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """The multi-task table in long form: performance (and rank) and relative change (%) per backbone, the
+    relative change per family, routing accuracy per backbone; ``task`` is the component evaluation's id."""
+    rows: list[dict[str, Any]] = []
+    backbones = table["backbones"]
+    for task, entry in (table.get("multi_task") or {}).items():
+        for c in entry["components"].values():
+            base = {"task": c["evaluation"], "mode": "full", "group": "multi-task", "metric": c["metric"]}
+            for name, cell in c["backbones"].items():
+                b = {"backbone": name, "family": backbones[name]["family"]}
+                perf = cell["performance"]
+                rows.append({**base, **b, "scope": "multi_task_performance", "mean": perf["mean"], "std": perf["std"],
+                             "n_seeds": perf["n_seeds"], "rank": cell["rank"]})
+                if cell["relative_change"] is not None:
+                    change = cell["relative_change"]
+                    rows.append({**base, **b, "scope": "multi_task_relative_change_pct", "mean": change["mean"],
+                                 "std": change["std"], "n_seeds": change["n_seeds"]})
+            rows += [{**base, "scope": "multi_task_relative_change_pct_family", "family": f, "mean": v["mean"],
+                      "std": v["std"], "n_seeds": v["n"]} for f, v in c["families"].items()]
+        rows += [{"scope": "multi_task_routing_accuracy", "task": task, "mode": "full", "group": "multi-task",
+                  "metric": "routing_accuracy", "backbone": name, "family": backbones[name]["family"],
+                  "mean": r["mean"], "std": r["std"], "n_seeds": r["n_seeds"]}
+                 for name, r in (entry.get("routing_accuracy") or {}).items()]
+    return rows
 
 
 def rank_table_csv(table: dict[str, Any]) -> str:
@@ -190,10 +301,11 @@ def _title_suffix(table: dict[str, Any]) -> str:
 
 
 def plot_rank_heatmap(table: dict[str, Any], path: Path) -> None:
-    """Tasks x backbones heat-map of ranks (1 = best, darker), backbones by average rank."""
-    order = sorted(table["backbones"], key=lambda b: (table["backbones"][b]["average_rank"], b))
-    ranks = pd.DataFrame({b: [t["backbones"][b]["rank"] for t in table["tasks"].values()] for b in order},
-                         index=list(table["tasks"]))
+    """Tasks x backbones heat-map of ranks (1 = best, darker), backbones by average rank; blank: not run."""
+    order = [b for b, _ in _by_average_rank(table["backbones"])]
+    ranks = pd.DataFrame({b: [t["backbones"][b]["rank"] if b in t["backbones"] else math.nan
+                              for t in table["tasks"].values()] for b in order},
+                         index=list(table["tasks"]), dtype=float)
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(order), 1.4 + 0.6 * len(ranks)))
     image = ax.imshow(ranks.to_numpy(), cmap="viridis_r", vmin=1, vmax=max(len(order), 2), aspect="auto")
     ticks = [f"{b}\n({'; '.join(filter(None, [table['backbones'][b]['family'], _weights_note(table, b)]))})"
@@ -203,6 +315,8 @@ def plot_rank_heatmap(table: dict[str, Any], path: Path) -> None:
     ax.set_yticks(range(len(ranks)), list(ranks.index), fontsize=8)
     for i, row in enumerate(ranks.to_numpy()):
         for j, value in enumerate(row):
+            if math.isnan(value):
+                continue
             ax.text(j, i, _rank(value), ha="center", va="center", color="black" if value < len(order) / 2 + 1
                     else "white", fontsize=8)
     fig.colorbar(image, ax=ax, label="rank (1 = best)")
@@ -215,6 +329,7 @@ def plot_rank_heatmap(table: dict[str, Any], path: Path) -> None:
 def plot_cd_diagram(table: dict[str, Any], path: Path) -> None:
     """Nemenyi critical-difference diagram, or a figure saying why the test does not apply.
 
+    Drawn from the average ranks over the evaluations the test used (those that ran every backbone).
     Always written, so the DVC stage's declared plot exists whatever the number of tasks.
     """
     import scikit_posthocs as sp
@@ -227,7 +342,7 @@ def plot_cd_diagram(table: dict[str, Any], path: Path) -> None:
         for a, row in sig["pairwise_p"].items():
             for b, p in row.items():
                 matrix.loc[a, b] = p
-        ranks = pd.Series({b: table["backbones"][b]["average_rank"] for b in names})
+        ranks = pd.Series({b: sig["average_ranks"][b] for b in names})
         sp.critical_difference_diagram(ranks, matrix, alpha=sig["alpha"], cd=sig["critical_difference"], ax=ax)
         ax.set_title(f"Average rank, Nemenyi CD = {sig['critical_difference']:.2f} (α = {sig['alpha']})"
                      f"{_title_suffix(table)}",

@@ -1,7 +1,9 @@
 """Strict readers of the study's results: one metrics JSON per (task, backbone, mode, seed).
 
 An *evaluation* is one column of the rank table: a task in one mode. Its id is the task's name for
-full fine-tuning (``covid_geo``) and for retrieval, ``<task>:linear_probe`` for linear evaluation.
+full fine-tuning (``covid_geo``) and for retrieval, ``<task>:linear_probe`` for linear evaluation,
+and ``<multitask task>/<component>`` for one component of a multi-task model (PROTOCOL.md,
+"Multi-task"): a multi-task run's file yields one result per component, scored by that component.
 
 The finetune stage writes ``<metrics_dir>/<task>/<backbone>/<mode>/seed<S>.json`` and the retrieve
 stage ``<metrics_dir>/<task>/<backbone>/frozen.json`` (deterministic: no seeds, seed 0 in the file,
@@ -9,8 +11,14 @@ no validation split): a flat object with ``task``, ``mode``,
 ``backbone``, ``family``, ``weights``, ``seed``, ``mlflow_run_id``, ``metric`` (the
 selection metric named in ``params.yaml`` ``tasks.<task>.metric``) and ``val_<m>`` / ``test_<m>``
 for each metric, plus optional provenance (``model``, ``random_init``, ``data_version``,
-``git_commit``, ``best_epoch``, ...). A missing or wrong key fails naming the file and the key:
-ranking stale or partial results silently would defeat the point of the study.
+``git_commit``, ``best_epoch``, ...). A multitask run's file (``metric`` = ``loss``, mode ``full``)
+also lists ``components``: per component task, in ``tasks.<task>.components`` order, its ``task``,
+selection ``metric``, ``val_score`` and ``test_score`` (and optionally a trivial ``baseline`` /
+``baseline_score``), beside flat ``val_<component>.<m>`` / ``test_<component>.<m>`` keys and, when the
+model routes images between heads, ``val_routing_accuracy`` / ``test_routing_accuracy``.
+
+A missing or wrong key fails naming the file and the key: ranking stale or partial results
+silently would defeat the point of the study.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +54,29 @@ class FinetuneResult:
     test_score: float
     # Every key of the file, for tags and reports (val_*/test_* metrics, provenance).
     raw: Mapping[str, Any]
+    # The component task this result scores, for one component of a multitask run (``task`` is then the
+    # multitask task, ``metric`` and the scores the component's); None for every other result.
+    component: str | None = None
 
     @property
     def evaluation(self) -> str:
+        if self.component is not None:
+            return component_evaluation_id(self.task, self.component)
         return evaluation_id(self.task, self.mode)
+
+    @property
+    def trivial_baseline(self) -> tuple[str, float] | None:
+        """(what it is, its test score) of the run's trivial baseline when the file records one.
+
+        A component's is its own entry's (a multitask run records none unless a component kind gives one).
+        """
+        source = self.raw
+        if self.component is not None:
+            source = next(e for e in self.raw["components"] if e.get("task") == self.component)
+        score = source.get("baseline_score")
+        if isinstance(score, (int, float)) and not isinstance(score, bool):
+            return str(source.get("baseline")), float(score)
+        return None
 
     @property
     def model_uri(self) -> str:
@@ -71,14 +98,26 @@ def evaluation_id(task: str, mode: str) -> str:
     return task if mode in ("full", "frozen") else f"{task}:{mode}"
 
 
+def component_evaluation_id(multitask: str, component: str) -> str:
+    """``<multitask>/<component>``: one component task of a multitask model, as a rank-table column."""
+    return f"{multitask}/{component}"
+
+
 @dataclass(frozen=True)
 class EvaluationSpec:
-    """Which results one evaluation reads: its task, mode, selection metric name and seeds."""
+    """Which results one evaluation reads: its task, mode, selection metric name and seeds.
+
+    ``backbones``: the study backbones it runs on (``Settings.backbones_of``; None: all of them).
+    ``component``: for a multitask model's component column, the component task (``metric`` is then
+    the component's selection metric and ``task`` the multitask task).
+    """
 
     task: str
     mode: str
     metric: str
     seeds: tuple[int, ...]
+    backbones: tuple[str, ...] | None = None
+    component: str | None = None
 
 
 def result_path(metrics_dir: str | Path, task: str, backbone: str, seed: int, mode: str = "full") -> Path:
@@ -87,26 +126,45 @@ def result_path(metrics_dir: str | Path, task: str, backbone: str, seed: int, mo
     return Path(metrics_dir) / task / backbone / mode / f"seed{seed}.json"
 
 
-def _require(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], path: Path) -> Any:
+def _require(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], path: Path, where: str = "") -> Any:
+    """``raw[key]`` of type ``kind``; ``where`` prefixes the key in messages (``components[0].``)."""
     if key not in raw:
-        raise ResultsError(f"{path}: missing required key '{key}'")
+        raise ResultsError(f"{path}: missing required key '{where}{key}'")
     value = raw[key]
     if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ResultsError(f"{path}: key '{key}' must be {names}, got {value!r}")
+        raise ResultsError(f"{path}: key '{where}{key}' must be {names}, got {value!r}")
     return value
 
 
-def _score(raw: Mapping[str, Any], key: str, path: Path) -> float:
-    value = float(_require(raw, key, (int, float), path))
+def _score(raw: Mapping[str, Any], key: str, path: Path, where: str = "") -> float:
+    value = float(_require(raw, key, (int, float), path, where))
     if not math.isfinite(value):
-        raise ResultsError(f"{path}: key '{key}' must be a finite number, got {value!r}")
+        raise ResultsError(f"{path}: key '{where}{key}' must be a finite number, got {value!r}")
     return value
+
+
+def _component_entry(raw: Mapping[str, Any], component: str, path: Path) -> tuple[Mapping[str, Any], str]:
+    """The ``components`` entry of ``component`` in a multitask run's file, and its key prefix for messages."""
+    entries = _require(raw, "components", list, path)
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            raise ResultsError(f"{path}: key 'components[{i}]' must be an object, got {entry!r}")
+        if _require(entry, "task", str, path, f"components[{i}].") == component:
+            return entry, f"components[{i}]."
+    listed = [e["task"] for e in entries]
+    raise ResultsError(f"{path}: key 'components' has no entry for task {component!r} (it lists {listed}; "
+                       f"stale results? re-run the finetune stage)")
 
 
 def read_result(path: str | Path, *, task: str | None = None, backbone: str | None = None,
-                seed: int | None = None, metric: str | None = None, mode: str | None = None) -> FinetuneResult:
-    """Read one metrics JSON; the keyword arguments are what the file must say (from its path/params)."""
+                seed: int | None = None, metric: str | None = None, mode: str | None = None,
+                component: str | None = None) -> FinetuneResult:
+    """Read one metrics JSON; the keyword arguments are what the file must say (from its path/params).
+
+    With ``component``, the file is a multitask run's and the result scores that component: its
+    ``components`` entry gives the metric (checked against ``metric``) and the val/test scores.
+    """
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
@@ -129,30 +187,40 @@ def read_result(path: str | Path, *, task: str | None = None, backbone: str | No
         val_score=0.0, test_score=0.0, raw=dict(raw))
     if result.mode not in MODES:
         raise ResultsError(f"{path}: key 'mode' must be one of {MODES}, got {result.mode!r}")
+    source, where, val_key, test_key = raw, "", f"val_{result.metric}", f"test_{result.metric}"
+    if component is not None:
+        source, where = _component_entry(raw, component, path)
+        val_key, test_key = "val_score", "test_score"
+        result = replace(result, component=component, metric=_require(source, "metric", str, path, where))
     expected = {"task": task, "backbone": backbone, "seed": seed, "metric": metric, "mode": mode}
     for key, want in expected.items():
         if want is not None and getattr(result, key) != want:
-            raise ResultsError(f"{path}: key '{key}' is {getattr(result, key)!r} but {want!r} was expected "
+            name = f"{where}metric" if key == "metric" else key
+            raise ResultsError(f"{path}: key '{name}' is {getattr(result, key)!r} but {want!r} was expected "
                                f"(stale results? re-run the finetune stage)")
-    return FinetuneResult(**{**result.__dict__,
-                             "val_score": None if result.mode == "frozen" else
-                             _score(raw, f"val_{result.metric}", path),
-                             "test_score": _score(raw, f"test_{result.metric}", path)})
+    return replace(result, val_score=None if result.mode == "frozen" else _score(source, val_key, path, where),
+                   test_score=_score(source, test_key, path, where))
 
 
 def read_study_results(metrics_dir: str | Path, *, evaluations: Mapping[str, EvaluationSpec],
                        backbones: Mapping[str, str]) -> list[FinetuneResult]:
     """Every result the study declares: ``evaluations`` by id, ``backbones`` maps backbone -> family.
 
-    Files for backbones, modes or seeds outside the study are ignored; a declared one that is
-    missing is an error, so a partial study is never ranked as if it were whole.
+    Each evaluation reads the backbones it runs on (``EvaluationSpec.backbones``, default all of
+    ``backbones``). Files for backbones, modes or seeds outside the study are ignored; a declared one
+    that is missing is an error, so a partial study is never ranked as if it were whole.
     """
     results = []
-    for spec in evaluations.values():
-        for backbone, family in backbones.items():
+    for evaluation, spec in evaluations.items():
+        unknown = [b for b in spec.backbones or () if b not in backbones]
+        if unknown:
+            raise ResultsError(f"evaluation {evaluation!r}: backbones {unknown} are not in the study")
+        for backbone in spec.backbones if spec.backbones is not None else backbones:
+            family = backbones[backbone]
             for seed in spec.seeds:
                 result = read_result(result_path(metrics_dir, spec.task, backbone, seed, spec.mode), task=spec.task,
-                                     backbone=backbone, seed=seed, metric=spec.metric, mode=spec.mode)
+                                     backbone=backbone, seed=seed, metric=spec.metric, mode=spec.mode,
+                                     component=spec.component)
                 if result.family != family:
                     raise ResultsError(f"{result.path}: key 'family' is {result.family!r} but the backbone "
                                        f"catalogue in params.yaml says {family!r}")

@@ -7,7 +7,8 @@ whose average ranks differ by less than CD are not significantly different at ``
 
 CD = q_alpha * sqrt(k (k + 1) / (6 N)), with k backbones, N tasks and q_alpha the studentized
 range quantile over sqrt(2) (Demšar 2006, Table 5a). The test needs at least three tasks and
-three backbones; below that the result says so plainly instead of reporting a number.
+three backbones, and a complete matrix (every backbone ranked on every task: ``ranking`` passes
+only such tasks); below that the result says so plainly instead of reporting a number.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def friedman_nemenyi(ranks: pd.DataFrame, *, alpha: float = 0.05) -> dict[str, A
     if n_tasks < MIN_TASKS or n_backbones < MIN_BACKBONES:
         return {**base, "applies": False,
                 "reason": (f"the Friedman test needs at least {MIN_TASKS} tasks and {MIN_BACKBONES} backbones; "
-                           f"this study has {n_tasks} task(s) and {n_backbones} backbone(s), so the ranks "
-                           f"are descriptive only and no difference can be called significant")}
+                           f"there are {n_tasks} task(s) that rank every backbone and {n_backbones} backbone(s), so "
+                           f"the ranks are descriptive only and no difference can be called significant")}
     if (ranks.nunique(axis=1) == 1).all():
         return {**base, "applies": False,
                 "reason": "every backbone ties on every task; there is nothing to test"}

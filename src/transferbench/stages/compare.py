@@ -1,8 +1,9 @@
 """Stage ``compare``: the paper's rank tables, and (``--baseline``) the drift gate.
 
-Per evaluation (a task in one mode) each backbone's mean ± std over seeds and its rank, per-family
-average ranks, the paper's task groups, the gain from full fine-tuning and the Friedman/Nemenyi
-analysis -> ``<data.reports_dir>/rank_table.{md,csv,json}`` and figures. With a baseline, the new
+Per evaluation (a task in one mode, or a multi-task model's component) each backbone that ran it:
+mean ± std over seeds and its rank; per-family average ranks, the paper's task groups, the gain from
+full fine-tuning, the multi-task table and the Friedman/Nemenyi analysis ->
+``<data.reports_dir>/rank_table.{md,csv,json}`` and figures. With a baseline, the new
 table is compared with it and the learning floors are checked (``evaluation.drift``).
 """
 
@@ -29,10 +30,11 @@ def run(settings: Settings, *, baseline: str | Path | None = None) -> Comparison
     """Write the rank reports; with ``baseline`` (a rank-table JSON) also gate them against it."""
     previous = drift.load_rank_table(baseline) if baseline is not None else None  # a bad baseline fails first
     study = settings.study
-    groups = {e: evaluation_group(settings, spec) for e, spec in evaluations(settings).items()}
-    table = rank_table(study_results(settings), study=study.name, task_metrics=task_metrics(settings),
+    specs = evaluations(settings)
+    table = rank_table(study_results(settings, specs), study=study.name, task_metrics=task_metrics(settings, specs),
                        backbones={b: settings.backbone(b) for b in study.backbones}, alpha=settings.compare.alpha,
-                       groups=groups)
+                       groups={e: evaluation_group(settings, spec) for e, spec in specs.items()},
+                       evaluation_backbones={e: spec.backbones for e, spec in specs.items()})
     paths = write_rank_reports(table, Path(settings.data.reports_dir))
     if previous is None:
         return Comparison(paths)

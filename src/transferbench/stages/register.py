@@ -2,7 +2,9 @@
 
 The best seed by validation metric (in its task kind's direction) becomes a version of the model
 ``<study>.<task>`` (``<study>.<task>.linear_probe`` for linear evaluation; retrieval registers
-nothing); aliases ``champion`` and ``best-<family>`` follow the best val scores. Writes
+nothing; a multitask task is one model ``<study>.<multitask task>``, chosen by its own selection
+metric, the summed val loss, not one per component); each task registers the backbones it ran.
+Aliases ``champion`` and ``best-<family>`` follow the best val scores. Writes
 ``<data.reports_dir>/registry.json``.
 """
 
@@ -16,7 +18,7 @@ from transferbench.atomic import write_text
 from transferbench.config import Settings
 from transferbench.engine.tracking import resolve_tracking_uri
 from transferbench.evaluation.registry import register_study
-from transferbench.evaluation.study import study_results, task_metrics
+from transferbench.evaluation.study import registered_evaluations, study_results, task_metrics
 from transferbench.provenance import git_commit
 
 
@@ -29,8 +31,8 @@ def run(settings: Settings, *, summary: str | Path | None = None) -> list[dict[s
     uri = resolve_tracking_uri(settings.tracking.tracking_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    rows = register_study(MlflowClient(tracking_uri=uri, registry_uri=uri),
-                          study_results(settings, trained_only=True), metrics=task_metrics(settings, trained_only=True),
-                          study=settings.study.name, git_commit=git_commit())
+    specs = registered_evaluations(settings)
+    rows = register_study(MlflowClient(tracking_uri=uri, registry_uri=uri), study_results(settings, specs),
+                          metrics=task_metrics(settings, specs), study=settings.study.name, git_commit=git_commit())
     write_text(Path(summary or Path(settings.data.reports_dir) / "registry.json"), json.dumps(rows, indent=2) + "\n")
     return rows
