@@ -123,7 +123,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", nargs="?", default="synthetic",
-                        choices=["synthetic", "synthetic_age", "synthetic_retrieval"],
+                        choices=["synthetic", "synthetic_b", "synthetic_age", "synthetic_retrieval", "synthetic_dense"],
                         help="the dataset to generate (default: %(default)s)")
 
 
@@ -176,13 +176,34 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
 def _finetune(args: argparse.Namespace) -> int:
     from transferbench.stages import finetune
 
-    for result in finetune.each_seed(load_settings(args.params), task=args.task, backbone=args.backbone,
+    settings = load_settings(args.params)
+    if not settings.runs_on(args.task, args.backbone):
+        print(f"{args.task}/{args.backbone}: skipped, tasks.{args.task}.backbones does not list it", flush=True)
+    for result in finetune.each_seed(settings, task=args.task, backbone=args.backbone,
                                      seeds=args.seeds or (), modes=args.modes or (), num_workers=args.workers,
                                      metrics_dir=args.metrics_dir,
                                      plots_dir=args.plots_dir, fresh=args.fresh):
         print(f"{args.task}/{args.backbone}/{result['mode']}/seed{result['seed']} ({result['weights_label']}): "
               f"test {result['metric']} {result['test_score']:.4f}, best epoch {result['best_epoch']}/"
               f"{result['epochs_run']}, mlflow run {result['mlflow_run_id']}", flush=True)
+    return 0
+
+
+@command("finetune-multitask", "train one backbone on a multitask task's components at once (one head each), seed "
+         "by seed", _finetune_arguments)
+def _finetune_multitask(args: argparse.Namespace) -> int:
+    from transferbench.stages import finetune_multitask
+
+    settings = load_settings(args.params)
+    if not settings.runs_on(args.task, args.backbone):
+        print(f"{args.task}/{args.backbone}: skipped, tasks.{args.task}.backbones does not list it", flush=True)
+    for result in finetune_multitask.each_run(settings, task=args.task, backbone=args.backbone, seeds=args.seeds or (),
+                                              modes=args.modes or (), num_workers=args.workers,
+                                              metrics_dir=args.metrics_dir, plots_dir=args.plots_dir,
+                                              fresh=args.fresh):
+        scores = ", ".join(f"{c['task']} {c['metric']} {c['test_score']:.4f}" for c in result["components"])
+        print(f"{args.task}/{args.backbone}/{result['mode']}/seed{result['seed']} ({result['weights_label']}): "
+              f"test {scores}; mlflow run {result['mlflow_run_id']}", flush=True)
     return 0
 
 
@@ -275,7 +296,8 @@ def _with_ray(args: argparse.Namespace) -> int:
 
 
 # --help lists the stages in the order the pipeline runs them.
-PIPELINE_ORDER = ("fetch", "generate", "split", "validate", "finetune", "retrieve", "sensitivity", "sensitivity-report",
+PIPELINE_ORDER = ("fetch", "generate", "split", "validate", "finetune", "finetune-multitask", "retrieve", "sensitivity",
+                  "sensitivity-report",
                   "register", "compare", "with-ray", "check-params")
 
 

@@ -1,14 +1,18 @@
 """Stage ``finetune@<task>-<backbone>``: train one backbone on one task, once per mode and seed.
 
 Builds the pieces and calls them: the task's inputs (manifests, task kind, the probed backbone,
-the image caches), the MLflow run registry, then one Ray Train run per training mode (``full``,
+the image caches; a multitask task's combined from its components'), the MLflow run registry, then one
+Ray Train run per training mode (``full``,
 ``linear_probe``: the task's modes, else ``study.modes``) and seed (``engine.finetune.run_seed``:
 its own MLflow child run, metrics JSON and learning curve). The runs go one after another in this
 process, so its start-up (importing torch, timm, MLflow and Ray Train) is paid once per stage.
+The task's protocol is ``finetune`` with its own values over it (``Settings.finetune_for``). A study
+backbone the task does not list (``tasks.<task>.backbones``) gets no run: the stage leaves a note.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,7 @@ def job_for(settings: Settings, task: str, backbone: str, *, num_workers: int | 
             ray = build(RaySettings, {**ray.model_dump(), "num_workers": num_workers, "min_workers": floor})
         except ConfigError as exc:
             raise TransferbenchError(f"--workers {num_workers}: {exc}") from None
-    protocol = settings.finetune_for(backbone).model_copy(update={"mode": mode})
+    protocol = settings.finetune_for(backbone, task).model_copy(update={"mode": mode})
     return Job(study=settings.study.name, task=task, task_settings=task_settings, backbone_name=backbone,
                backbone=settings.backbone(backbone), protocol=protocol, ray=ray, tracking=settings.tracking)
 
@@ -46,15 +50,38 @@ def each_seed(settings: Settings, *, task: str, backbone: str, seeds: Sequence[i
               plots_dir: str | Path = "plots/finetune", fresh: bool = False) -> Iterator[dict[str, Any]]:
     """Train every mode x seed (default: the task's, ``Settings.modes_of``/``seeds_of``), yielding each run's
     metrics JSON when it is done."""
+    if not settings.runs_on(task, backbone):  # the task lists its own backbones: no run on this one
+        settings.backbone(backbone)
+        skipped(settings, task=task, backbone=backbone, metrics_dir=metrics_dir, plots_dir=plots_dir)
+        return
     registry = RunRegistry.from_settings(settings.tracking)
     inputs = None
+    task_settings = settings.task(task)
+    components = {c: settings.task(c) for c in task_settings.components} or None
     for mode in modes or settings.modes_of(task):
         job = job_for(settings, task, backbone, num_workers=num_workers, mode=mode)
         if inputs is None:  # the modes share the task's inputs (manifests, image caches)
-            inputs = prepare_inputs(settings.data, task, job.task_settings, job.backbone, job.protocol)
+            inputs = prepare_inputs(settings.data, task, job.task_settings, job.backbone, job.protocol,
+                                    components=components)
         for seed in seeds or settings.seeds_of(task):
             yield run_seed(job, inputs, registry, seed=seed, metrics_dir=metrics_dir or settings.compare.metrics_dir,
                            plots_dir=plots_dir, fresh=fresh)
+
+
+def skipped(settings: Settings, *, task: str, backbone: str, metrics_dir: str | Path | None,
+            plots_dir: str | Path) -> None:
+    """A study backbone that ``tasks.<task>.backbones`` leaves out: the stage's metrics directory holds only
+    ``skipped.json`` saying why (``dvc metrics show`` lists it), its plots directory is empty, so ``dvc repro``
+    records the stage as done and the tables never read it."""
+    from transferbench.atomic import write_json
+
+    metrics, plots = Path(metrics_dir or settings.compare.metrics_dir) / task / backbone, Path(plots_dir) / task / backbone
+    for directory in (metrics, plots):
+        if directory.exists():
+            shutil.rmtree(directory)
+    plots.mkdir(parents=True)
+    write_json(metrics / "skipped.json", {"skipped": True, "reason": f"tasks.{task}.backbones does not list "
+                                          f"{backbone}; {task} runs on {', '.join(settings.backbones_of(task))}"})
 
 
 def run(settings: Settings, *, task: str, backbone: str, **options: Any) -> list[dict[str, Any]]:
