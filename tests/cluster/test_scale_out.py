@@ -136,7 +136,8 @@ def _smoke_repo(root: Path, env: dict) -> Path:
     (root / "src").symlink_to(REPO / "src")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     # full fine-tuning only, no retrieval task (its stage is not kept here): the server, not the study, is tested
-    params["study"].update(tasks=["synthetic"], backbones=["test_resnet", "test_vit"], seeds=[0], retrieval_tasks=[])
+    params["study"].update(tasks=["synthetic"], backbones=["test_resnet", "test_vit"], seeds=[0], retrieval_tasks=[],
+                           multitask_tasks=[])
     params["tasks"]["synthetic"]["modes"] = ["full"]
     params["finetune"]["max_epochs"] = 3
     params["compare"]["baseline"] = "none.json"

@@ -39,6 +39,7 @@ def test_repro_rerun_push_pull(tmp_path):
     (repo / "src").symlink_to(REPO / "src")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["study"]["tasks"] = ["synthetic", "synthetic_random"]
+    params["study"]["multitask_tasks"] = []  # their components are no longer in study.tasks
     params["tasks"]["synthetic_random"] = {"dataset": "synthetic", "split": {"rule": "random", "seed": 0}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / "data" / "raw").mkdir(parents=True)
