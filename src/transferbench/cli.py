@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from transferbench.config import load_settings
+from transferbench.config import Settings, load_settings
 from transferbench.errors import TransferbenchError
 
 # name -> (one-line help, function that adds arguments, function that runs it)
@@ -171,14 +171,28 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plots-dir", default="plots/finetune", help="default: %(default)s")
 
 
+def _skipped(settings: Settings, args: argparse.Namespace) -> bool:
+    """A backbone the task does not list: leave the stage's outputs saying so, without starting the engine."""
+    settings.backbone(args.backbone)
+    settings.task(args.task)
+    if settings.runs_on(args.task, args.backbone):
+        return False
+    from transferbench.stages.skipped import write_skipped
+
+    reason = write_skipped(settings, task=args.task, backbone=args.backbone, metrics_dir=args.metrics_dir,
+                           plots_dir=args.plots_dir)
+    print(f"{args.task}/{args.backbone}: skipped ({reason})", flush=True)
+    return True
+
+
 @command("finetune", "train one backbone on one task, mode by mode and seed by seed (Ray Train, tracked in MLflow)",
          _finetune_arguments)
 def _finetune(args: argparse.Namespace) -> int:
+    settings = load_settings(args.params)
+    if _skipped(settings, args):
+        return 0
     from transferbench.stages import finetune
 
-    settings = load_settings(args.params)
-    if not settings.runs_on(args.task, args.backbone):
-        print(f"{args.task}/{args.backbone}: skipped, tasks.{args.task}.backbones does not list it", flush=True)
     for result in finetune.each_seed(settings, task=args.task, backbone=args.backbone,
                                      seeds=args.seeds or (), modes=args.modes or (), num_workers=args.workers,
                                      metrics_dir=args.metrics_dir,
@@ -192,11 +206,11 @@ def _finetune(args: argparse.Namespace) -> int:
 @command("finetune-multitask", "train one backbone on a multitask task's components at once (one head each), seed "
          "by seed", _finetune_arguments)
 def _finetune_multitask(args: argparse.Namespace) -> int:
+    settings = load_settings(args.params)
+    if _skipped(settings, args):
+        return 0
     from transferbench.stages import finetune_multitask
 
-    settings = load_settings(args.params)
-    if not settings.runs_on(args.task, args.backbone):
-        print(f"{args.task}/{args.backbone}: skipped, tasks.{args.task}.backbones does not list it", flush=True)
     for result in finetune_multitask.each_run(settings, task=args.task, backbone=args.backbone, seeds=args.seeds or (),
                                               modes=args.modes or (), num_workers=args.workers,
                                               metrics_dir=args.metrics_dir, plots_dir=args.plots_dir,

@@ -12,7 +12,6 @@ backbone the task does not list (``tasks.<task>.backbones``) gets no run: the st
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from transferbench.engine.inputs import prepare_inputs
 from transferbench.engine.tasks import task_metric
 from transferbench.engine.tracking import RunRegistry
 from transferbench.errors import TransferbenchError
+from transferbench.stages.skipped import write_skipped
 
 
 def job_for(settings: Settings, task: str, backbone: str, *, num_workers: int | None = None,
@@ -52,7 +52,7 @@ def each_seed(settings: Settings, *, task: str, backbone: str, seeds: Sequence[i
     metrics JSON when it is done."""
     if not settings.runs_on(task, backbone):  # the task lists its own backbones: no run on this one
         settings.backbone(backbone)
-        skipped(settings, task=task, backbone=backbone, metrics_dir=metrics_dir, plots_dir=plots_dir)
+        write_skipped(settings, task=task, backbone=backbone, metrics_dir=metrics_dir, plots_dir=plots_dir)
         return
     registry = RunRegistry.from_settings(settings.tracking)
     inputs = None
@@ -66,22 +66,6 @@ def each_seed(settings: Settings, *, task: str, backbone: str, seeds: Sequence[i
         for seed in seeds or settings.seeds_of(task):
             yield run_seed(job, inputs, registry, seed=seed, metrics_dir=metrics_dir or settings.compare.metrics_dir,
                            plots_dir=plots_dir, fresh=fresh)
-
-
-def skipped(settings: Settings, *, task: str, backbone: str, metrics_dir: str | Path | None,
-            plots_dir: str | Path) -> None:
-    """A study backbone that ``tasks.<task>.backbones`` leaves out: the stage's metrics directory holds only
-    ``skipped.json`` saying why (``dvc metrics show`` lists it), its plots directory is empty, so ``dvc repro``
-    records the stage as done and the tables never read it."""
-    from transferbench.atomic import write_json
-
-    metrics, plots = Path(metrics_dir or settings.compare.metrics_dir) / task / backbone, Path(plots_dir) / task / backbone
-    for directory in (metrics, plots):
-        if directory.exists():
-            shutil.rmtree(directory)
-    plots.mkdir(parents=True)
-    write_json(metrics / "skipped.json", {"skipped": True, "reason": f"tasks.{task}.backbones does not list "
-                                          f"{backbone}; {task} runs on {', '.join(settings.backbones_of(task))}"})
 
 
 def run(settings: Settings, *, task: str, backbone: str, **options: Any) -> list[dict[str, Any]]:
