@@ -126,3 +126,15 @@ def test_a_backbone_the_task_does_not_list_gets_no_run_and_a_note(dense_study):
     note = json.loads((root / "metrics" / "synthetic_seg" / "test_convnext" / "skipped.json").read_text())
     assert note["skipped"] is True and "test_resnet, test_vit" in note["reason"]
     assert not list((root / "plots" / "synthetic_seg" / "test_convnext").iterdir())
+
+
+def test_a_multitask_task_refuses_component_settings_its_split_did_not_record(dense_study):
+    from transferbench.engine.inputs import combine_manifests
+    from transferbench.errors import DataError
+
+    settings = load_settings(dense_study)
+    components = {c: settings.task(c) for c in settings.task("synthetic_seg_depth").components}
+    assert combine_manifests(settings.data, "synthetic_seg_depth", components).summary["mixed"] is False
+    edited = components["synthetic_depth"].model_copy(update={"metric": "absrel"})
+    with pytest.raises(DataError, match=r"tasks\.synthetic_depth in params differs .*`dvc repro split@synthetic_depth`"):
+        combine_manifests(settings.data, "synthetic_seg_depth", {**components, "synthetic_depth": edited})

@@ -226,6 +226,9 @@ def summarise(name: str, task: TaskSettings, kept: pd.DataFrame, excluded: pd.Da
                             if k in ("modality", "view", "no_label", "unknown_region", "unknown_label")},
         "group_conflicts": conflicts,
         "quarantine_file": QUARANTINE_FILE,
+        # what the task was split and is trained as: a multitask task reads its components' settings here, so that
+        # its stage depends on their split outputs rather than on every task's params
+        "settings": task.model_dump(mode="json"),
     }
 
 

@@ -7,7 +7,9 @@ where it would be retried) -> timm's input spec (mean, std, crop) -> the decoded
 A multitask task has no split of its own: ``combine_manifests`` writes its manifests from its
 components' (under ``<cache_dir>/<task>/manifests``, derived data): components on the same dataset and
 split share their rows (one domain), components on different datasets are stacked, each row marked
-with its ``domain``; its ``summary.json`` carries each component's settings and split summary.
+with its ``domain``; its ``summary.json`` carries each component's settings and split summary. A
+component's settings are the ones its split recorded (and must equal params'): the multitask stage
+depends on the components' split outputs, not on every task's params.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ def combine_manifests(data: DataSettings, task: str, components: Mapping[str, Ta
     entries = []
     for name, settings in components.items():
         manifests = read_manifests(data.splits_dir, name)
+        recorded = manifests.summary.get("settings")
+        if recorded != settings.model_dump(mode="json"):
+            raise DataError(f"multitask {task!r}: tasks.{name} in params differs from the settings its split was made "
+                            f"with ({manifests.paths['train'].parent / 'summary.json'}); rerun its split: "
+                            f"`dvc repro split@{name}` (or `transferbench split {name}`)")
         key = json.dumps({"dataset": settings.dataset, "split": settings.split.model_dump() if settings.split else
                           None, "options": settings.options.model_dump()}, sort_keys=True, default=str)
         domain = domains.setdefault(key, len(domains))
@@ -60,7 +67,7 @@ def combine_manifests(data: DataSettings, task: str, components: Mapping[str, Ta
             raise DataError(f"multitask {task!r}: components on the same dataset and split must share their images, "
                             f"but {name!r}'s manifests differ from its domain's first component; rerun their split")
         parts.setdefault(domain, manifests)
-        entries.append({"name": name, "kind": settings.kind, "domain": domain, "settings": settings.model_dump(),
+        entries.append({"name": name, "kind": settings.kind, "domain": domain, "settings": recorded,
                         "summary": manifests.summary})
     mixed = len(parts) > 1
     summary = {"task": task, "components": entries, "mixed": mixed,
