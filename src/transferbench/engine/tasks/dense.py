@@ -91,17 +91,14 @@ def depth_scores(predicted: np.ndarray, target: np.ndarray, *, min_depth: float,
 
 
 # --------------------------------------------------------------------------- targets
-def _fit(path: Path, side: int) -> Image.Image:
-    """The map resized as the image is (``ImageOps.fit``: centre crop to square, resize), nearest neighbour."""
-    with Image.open(path) as image:
-        image.load()
-        return ImageOps.fit(image, (side, side), method=Image.Resampling.NEAREST)
-
-
-def _check_size(path: Path, image: Path) -> None:
+def _fit(path: Path, image: Path, side: int) -> Image.Image:
+    """The map resized as its image is (``ImageOps.fit``: centre crop to square, resize), nearest neighbour; a map
+    whose size differs from its image's (only the image's header is read) is refused."""
     with Image.open(path) as target, Image.open(image) as source:
         if target.size != source.size:
             raise DataError(f"{path}: size {target.size} differs from its image {image} ({source.size})")
+        target.load()
+        return ImageOps.fit(target, (side, side), method=Image.Resampling.NEAREST)
 
 
 def _maps(frame: pd.DataFrame, manifest: Path, column: str, side: int | None) -> list[Image.Image]:
@@ -112,8 +109,7 @@ def _maps(frame: pd.DataFrame, manifest: Path, column: str, side: int | None) ->
     out = []
     for row, (path, image) in enumerate(zip(frame[column], frame["filename"], strict=True)):
         try:
-            _check_size(Path(path), Path(image))
-            out.append(_fit(Path(path), side))
+            out.append(_fit(Path(path), Path(image), side))
         except (OSError, DataError) as exc:
             raise DataError(f"{manifest} row {row + 2}: cannot use {column} {path}: {exc}") from None
     return out

@@ -194,7 +194,7 @@ class MultiTask(TaskKind):
             out[ROUTER] = outputs[ROUTER]
         return out
 
-    def _routed(self, name: str, outputs: np.ndarray, targets: np.ndarray, misrouted: np.ndarray) -> np.ndarray:
+    def _routed(self, outputs: np.ndarray, targets: np.ndarray, misrouted: np.ndarray) -> np.ndarray:
         """Classification logits with every misrouted image's answer made wrong (a class other than its label)."""
         out = outputs.copy()
         for i in np.flatnonzero(misrouted):
@@ -214,7 +214,7 @@ class MultiTask(TaskKind):
             rows = domain == d
             o, t = np.asarray(outputs[name])[rows], np.asarray(targets[name])[rows]
             if routed_right is not None:
-                o = self._routed(name, o, t, ~routed_right[rows])
+                o = self._routed(o, t, ~routed_right[rows])
             if not rows.any():
                 values = {m.name: None for m in kind.metrics}
             else:
