@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from benchmarks import cpu_account, overhead, training
+from benchmarks import augment, cpu_account, overhead, training
 from engine.conftest import ray_cluster  # noqa: F401  (the fine-tuning tests' local Ray cluster)
 
 from transferbench.config import load_settings
@@ -184,3 +184,14 @@ def test_determinism_times_the_same_step_with_the_switch_off_and_on_and_restores
     result = determinism.measure("test_resnet", img_size=32, batch=4, steps=1, pairs=2, threads=1)
     assert len(result["off_ips"]) == len(result["on_ips"]) == 2 and result["on_over_off"] > 0
     assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_augment_times_both_paths_of_the_data_path() -> None:
+    import torch
+
+    result = augment.measure(img_size=16, batch=4, images=8, repeats=2, device=torch.device("cpu"))
+    assert result["cached_side"] == 18
+    for path in ("cpu", "device"):
+        rates = result["img_per_s"][path]
+        assert rates["n"] == 2 and rates["median"] > 0 and math.isfinite(rates["median"])
+    assert result["device_over_cpu"]["n"] == 2

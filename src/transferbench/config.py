@@ -420,6 +420,11 @@ class FinetuneSettings(Section):
     label_smoothing: Annotated[float, Strict(), Field(ge=0, lt=1)] = 0.1
     rotation_degrees: Annotated[float, Strict(), Field(ge=0, le=180)] = 30.0
     hflip: Bool = True
+    # Where the training augmentation (crop, rotation, flip) runs: device = batched on the training device
+    # after the uint8 batch is moved there (engine/augment.py), cpu = per sample in the DataLoader, auto =
+    # device on CUDA and, on the CPU, the faster of the two as benchmarks/augment.py measured it (device).
+    # Age's affine + shear has no batched form and stays on the CPU.
+    augment: Literal["auto", "device", "cpu"] = "auto"
     img_size: Annotated[int, Strict(), Field(ge=16)] = 224
     # The global batch: with N Ray Train workers each takes batch_size // N.
     batch_size: PositiveInt = 32
@@ -492,6 +497,9 @@ class RaySettings(Section):
     # On GPU only: bf16 autocast, and channels-last memory format for ConvNets.
     mixed_precision: Bool = True
     channels_last: Bool = True
+    # torch.compile the training model (checkpoints and the logged model stay the plain module). Off by
+    # default: on CPU compiling costs more than short runs gain; 1.22x the eager bare step for ViT-B/16 on an H100.
+    compile: Bool = False
     # DataLoader processes per training process for the augmentation (kept for the run). 0: in the
     # training process, right on CPU, where the step already uses the cores; on GPU augmentation
     # must keep up with the step: give it about cpus_per_worker - 1 (benchmarks/README.md).

@@ -2,14 +2,19 @@
 
 Rank 0 writes each epoch's state as ``epoch_NNNN/state.pt.tmp`` and renames it ``state.pt`` when
 complete, so a checkpoint being written when the process died is never taken for a complete one.
+The write runs in a background thread (``StateWriter``) on a CPU copy of the state, so that the
+next epoch does not wait for the disk.
 With Ray Train worker actors, Ray Train keeps the checkpoint state; local mode keeps none across
 processes, so a rerun looks here.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +70,69 @@ def prune_checkpoints(run_dir: str | Path, history: list[dict[str, float]], *, k
         if epoch not in kept:
             shutil.rmtree(directory, ignore_errors=True)
     return sorted(kept)
+
+
+def snapshot(state: Any) -> Any:
+    """A copy of ``state`` (a tree of dicts, lists and tuples) that training can no longer change: tensors
+    copied to CPU, everything else deep-copied (training updates parameters and optimiser moments in place).
+
+    CUDA tensors are copied without blocking, into the caching allocator's pinned host memory; the copy is
+    ordered before any later kernel of the stream, and ``StateWriter`` waits for it before writing.
+    """
+    if isinstance(state, torch.Tensor):
+        if state.is_cuda:
+            return state.detach().to("cpu", non_blocking=True)
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: snapshot(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot(v) for v in state)
+    return copy.deepcopy(state)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint write failed in the background (a full disk, a lost mount): the run cannot go on."""
+
+
+class StateWriter:
+    """Writes one checkpoint state at a time in a background thread, as ``state.pt.tmp`` renamed ``state.pt``.
+
+    ``start`` returns at once with the write's future; the next ``start`` (and ``wait``) waits for the
+    write before it, so at most one is in flight and the states reach the disk in order. A failed
+    write is raised by ``wait`` (and the future) as ``CheckpointWriteError`` naming the file, never
+    lost with the thread.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending: Future[Path] | None = None
+
+    def start(self, directory: str | Path, state: Any) -> Future[Path]:
+        """Write ``state`` (a ``snapshot``: nothing may change it while it is written) to ``directory``."""
+        self.wait()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        ready = None
+        if torch.cuda.is_initialized():  # the snapshot's non-blocking copies from the GPU, on this stream
+            ready = torch.cuda.Event()
+            ready.record()
+        self._pending = self._pool.submit(_write_state, directory / STATE_FILE, state, ready)
+        return self._pending
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is on disk; raise its ``CheckpointWriteError``."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+
+def _write_state(path: Path, state: Any, ready: torch.cuda.Event | None) -> Path:
+    tmp = path.with_name(f"{STATE_FILE}.tmp")  # a resumed epoch may find a killed attempt's file
+    try:
+        if ready is not None:
+            ready.synchronize()
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except Exception as exc:
+        raise CheckpointWriteError(f"writing checkpoint {path} failed: {type(exc).__name__}: {exc}") from exc
+    return path

@@ -131,14 +131,18 @@ class CachedImages(Dataset):
     """Cached uint8 images -> (normalised float tensor, target, index), augmented when ``train``: ``augment``
     (the task kind's ``train_transforms``) if given, else random crop, rotation and flip from the protocol.
     The image and its target go through the transforms together: per-pixel targets (masks, depth maps) are
-    cropped and flipped with their image, scalar targets pass through."""
+    cropped and flipped with their image, scalar targets pass through.
+
+    ``device_augment`` (training only): no transform at all; each item is the cached uint8 image, uncropped,
+    and its target, for ``engine.augment.BatchAugment`` to augment a whole batch on the training device."""
 
     def __init__(self, cache_file: str | Path, *, img_size: int, mean: Sequence[float], std: Sequence[float],
                  train: bool, rotation_degrees: float = 0.0, hflip: bool = False,
-                 augment: v2.Transform | None = None) -> None:
+                 augment: v2.Transform | None = None, device_augment: bool = False) -> None:
         blob = torch.load(cache_file, weights_only=True)
         self.images: torch.Tensor = blob["images"]
         self.targets: torch.Tensor = blob["targets"]
+        self.raw = train and device_augment
         steps: list[v2.Transform] = []
         if train and augment is not None:  # the task kind's own augmentation (e.g. age: affine + shear)
             steps.append(augment)
@@ -157,6 +161,8 @@ class CachedImages(Dataset):
         return _length(self.targets)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Any, int]:
+        if self.raw:
+            return self.images[i], _plain(_sample(self.targets, i)), i
         image, target = self.transform(tv_tensors.Image(self.images[i]), _sample(self.targets, i))
         return image.as_subclass(torch.Tensor), _plain(target), i
 

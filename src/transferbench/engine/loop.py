@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from transferbench.config import FinetuneSettings
+from transferbench.engine.augment import BatchAugment
 from transferbench.engine.tasks import TaskKind
 
 Gather = Callable[[Any], list[Any]]
@@ -52,8 +53,12 @@ def gather_single(obj: Any) -> list[Any]:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module under a DistributedDataParallel wrapper (or the model itself)."""
-    return getattr(model, "module", model)
+    """The module under ``torch.compile``'s and DistributedDataParallel's wrappers (or the model itself), whose
+    state dict has the task model's keys (a compiled module's carry an ``_orig_mod.`` prefix)."""
+    # by the wrapped module's name, not by isinstance: OptimizedModule's would import torch._dynamo everywhere
+    while (inner := model._modules.get("_orig_mod", model._modules.get("module"))) is not None:
+        model = inner
+    return model
 
 
 @dataclass
@@ -101,8 +106,13 @@ class EpochHook(Protocol):
         """Called on every rank after each epoch; return True to stop training."""
 
 
+def epoch_seed(seed: int, *, epoch: int = 0, rank: int = 0) -> int:
+    """One rank's seed for one epoch, below 2**31."""
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % (2**31)
+
+
 def seed_everything(seed: int, *, epoch: int = 0, rank: int = 0) -> None:
-    value = (seed * 1_000_003 + epoch * 1_009 + rank) % (2**31)
+    value = epoch_seed(seed, epoch=epoch, rank=rank)
     random.seed(value)
     np.random.seed(value)
     torch.manual_seed(value)
@@ -192,8 +202,12 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 def fit(model: nn.Module, *, kind: TaskKind, train_loader: Iterable, val_loader: Iterable,
         protocol: FinetuneSettings, seed: int, device: torch.device | str = "cpu", hooks: Sequence[EpochHook] = (),
         resume: dict[str, Any] | None = None, gather: Gather = gather_single, rank: int = 0,
-        autocast: torch.dtype | None = None, channels_last: bool = False) -> FitSession:
+        autocast: torch.dtype | None = None, channels_last: bool = False,
+        augment: BatchAugment | None = None) -> FitSession:
     """Fine-tune ``model`` (a ``TaskModel``, possibly DDP-wrapped) until early stop or max_epochs.
+
+    ``augment``: the training batches arrive uncropped (uint8, ``CachedImages(device_augment=True)``) and
+    are augmented on ``device`` after the transfer, from a generator seeded by (seed, epoch, rank).
 
     ``resume`` is a ``FitSession.state_dict()`` from a checkpoint. Returns the session; its
     ``best_model_state`` holds the best weights seen by THIS call (None if the best epoch
@@ -228,6 +242,8 @@ def fit(model: nn.Module, *, kind: TaskKind, train_loader: Iterable, val_loader:
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        # + 2**31: a stream of its own, never the one torch's global generator was just seeded with
+        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch=epoch, rank=rank) + 2**31)
         model.train()
         started = time.perf_counter()
         warm_start = in_warmup(protocol, state.step)
@@ -241,6 +257,8 @@ def fit(model: nn.Module, *, kind: TaskKind, train_loader: Iterable, val_loader:
                 task_model.freeze_backbone(False)  # warm-up is over: the whole network, from lr
                 _set_lr(optimizer, protocol.lr)
             images, targets = images.to(device, non_blocking=True), _to_device(targets, device)
+            if augment is not None:
+                images, targets = augment(images, targets, generator)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with _autocast(device, autocast):

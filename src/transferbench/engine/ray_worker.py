@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -22,13 +23,16 @@ from typing import Any
 import torch
 
 from transferbench.engine import loop
-from transferbench.engine.checkpoints import latest_checkpoint, load_state, prune_checkpoints
+from transferbench.engine.augment import batch_augment
+from transferbench.engine.checkpoints import (CheckpointWriteError, StateWriter, latest_checkpoint, load_state,
+                                              prune_checkpoints, snapshot)
 from transferbench.engine.curves import learning_curve_figure
 from transferbench.engine.data import CachedImages, eval_loader, train_loader
-from transferbench.engine.spec import FINAL_FILE, STATE_FILE, WORKER_ENV, WorkerSpec, checkpoint_name, per_worker_batch
+from transferbench.engine.spec import FINAL_FILE, WORKER_ENV, WorkerSpec, checkpoint_name, per_worker_batch
 from transferbench.engine.tracking import MlflowTracker, NullTracker, Tracker
 from transferbench.models import build_model
 
+logger = logging.getLogger(__name__)
 
 def _gather(obj: Any) -> list[Any]:
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
@@ -39,11 +43,12 @@ def _gather(obj: Any) -> list[Any]:
 
 
 class _Tracking:
-    """Per-epoch metrics to the tracker (rank 0), after the epoch's checkpoint is written.
+    """Per-epoch metrics to the tracker (rank 0), once the epoch's checkpoint is being written.
 
     A resumed run logs each epoch once, with no gap: epochs the tracker already has (a run
-    killed after logging them) are not logged again, and epochs the resumed checkpoint holds
-    but the tracker lacks (killed between the checkpoint and the log) are logged on resume.
+    killed after logging them, its checkpoint perhaps unfinished) are not logged again (the
+    replayed epoch's metrics are the same), and epochs the resumed checkpoint holds but the
+    tracker lacks (killed between the checkpoint and the log) are logged on resume.
     The MLflow step is the epoch, or with the iteration-based protocol (``by_iteration``) the
     iteration count at the end of the round, so curves are drawn per iteration.
     """
@@ -71,14 +76,21 @@ class _Checkpointing:
 
     The state is written straight into the run's directory on the (local or shared, mounted)
     storage, where Ray Train keeps its checkpoints, as ``state.pt.tmp`` renamed to ``state.pt``
-    once complete, and reported without an upload (``CheckpointUploadMode.NO_UPLOAD``).
-    ``ray.storage_path`` is never a URI (``RaySettings`` rejects them), so the run directory is
-    the storage. In local mode Ray Train keeps no checkpoints: this hook prunes them as
-    ``CheckpointConfig`` would.
+    once complete. ``ray.storage_path`` is never a URI (``RaySettings`` rejects them), so the run
+    directory is the storage and nothing is uploaded. In local mode Ray Train keeps no
+    checkpoints: this hook prunes them as ``CheckpointConfig`` would.
+
+    The write is off the critical path (issue #25): the hook snapshots the state to CPU (the only
+    part the next epoch waits for) and a ``StateWriter`` thread writes it during the next epoch.
+    Rank 0 reports with ``CheckpointUploadMode.ASYNC``, whose upload function is "wait for this
+    write": Ray Train queues the report only once the file is complete, so it never registers a
+    checkpoint that a restore could find half-written; the other ranks' reports of the same epoch
+    wait in the controller for rank 0's. ``flush`` must run before anything reads the checkpoints.
     """
 
     def __init__(self, spec: WorkerSpec, rank: int) -> None:
         self.spec, self.rank = spec, rank
+        self.writer = StateWriter()
 
     def __call__(self, record: dict[str, float], session: loop.FitSession) -> bool:
         import ray.train
@@ -88,18 +100,38 @@ class _Checkpointing:
         if self.rank != 0:
             ray.train.report(dict(record), checkpoint=None, checkpoint_dir_name=name)
             return False
+        self.writer.wait()  # the previous epoch's: one write in flight, and its error raised here
+        self._prune(session)
         directory = Path(self.spec.run_dir) / name
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f"{STATE_FILE}.tmp"  # a resumed epoch may find a killed attempt's file
-        torch.save(session.state_dict(), tmp)
-        os.replace(tmp, directory / STATE_FILE)
+        write = self.writer.start(directory, snapshot(session.state_dict()))
+
+        def written(checkpoint: ray.train.Checkpoint, _: str) -> ray.train.Checkpoint:
+            write.result()  # in Ray Train's upload thread (actors only; local mode calls no upload)
+            return checkpoint
+
         ray.train.report(dict(record), checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=name, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
-        if self.spec.ray.local_mode:
+                         checkpoint_dir_name=name, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                         checkpoint_upload_fn=written, delete_local_checkpoint_after_upload=False)
+        return False
+
+    def flush(self, session: loop.FitSession) -> None:
+        """Every checkpoint on disk (and pruned); raises a failed write's error."""
+        self.writer.wait()
+        self._prune(session)
+
+    def settle(self) -> None:
+        """On the way out of a failed or interrupted run: let the write in flight finish, so a rerun resumes
+        from it, and log (not raise) its error, which must not hide the one that ended the run."""
+        try:
+            self.writer.wait()
+        except CheckpointWriteError as exc:
+            logger.error("%s", exc)
+
+    def _prune(self, session: loop.FitSession) -> None:
+        if self.spec.ray.local_mode:  # between writes, so the one in flight is never a candidate
             selection = self.spec.kind.selection
             prune_checkpoints(self.spec.run_dir, session.state.history, keep=self.spec.ray.checkpoints_to_keep,
                               selection=selection.name, higher_is_better=selection.higher_is_better)
-        return False
 
 
 @contextlib.contextmanager
@@ -165,15 +197,21 @@ def _run(spec: WorkerSpec) -> None:
     head_warmup = protocol.mode == "full" and protocol.schedule == "plateau" and protocol.warmup_iters
     ddp_kwargs = {"find_unused_parameters": True} if head_warmup or kind.unused_parameters else None
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
+    if settings.compile:  # around DDP, so DDP's buckets split the graph; loop.unwrap sees through both
+        model = torch.compile(model)
     # Which node each rank runs on (rank order), for the run's record: on a cluster the workers of
     # one run may sit on different machines, and change after a node is lost. Local mode: the host.
     node = f"local:{socket.gethostname()}" if settings.local_mode else ray.get_runtime_context().get_node_id()
     nodes = [str(n) for n in _gather(node)]
 
+    # finetune.augment: training batches augmented on the device (uncropped uint8 from the loader), or per sample
+    augment = batch_augment(protocol, kind, device=device, img_size=spec.img_size, mean=spec.input_spec.mean,
+                            std=spec.input_spec.std)
+
     def dataset(split: str, train: bool) -> CachedImages:
         return CachedImages(spec.cache_files[split], img_size=spec.img_size, mean=spec.input_spec.mean,
                             std=spec.input_spec.std, train=train, rotation_degrees=protocol.rotation_degrees,
-                            hflip=protocol.hflip,
+                            hflip=protocol.hflip, device_augment=augment is not None,
                             augment=spec.kind.train_transforms(spec.img_size, protocol) if train else None)
 
     prepare = ray.train.torch.prepare_data_loader
@@ -198,19 +236,23 @@ def _run(spec: WorkerSpec) -> None:
 
     tracker: Tracker = (MlflowTracker(tracking_uri=spec.tracking_uri, run_id=spec.mlflow_run_id,
                                       system_metrics=spec.tracking.system_metrics) if rank == 0 else NullTracker())
-    hooks: list[loop.EpochHook] = [_Checkpointing(spec, rank),
+    checkpointing = _Checkpointing(spec, rank)
+    hooks: list[loop.EpochHook] = [checkpointing,
                                    _Tracking(tracker, resume["loop"]["history"] if resume else None,
                                              by_iteration=protocol.iteration_based)]
     try:
         session = loop.fit(model, kind=kind, train_loader=train, val_loader=val, protocol=protocol, seed=spec.seed,
                            device=device, hooks=hooks, resume=resume, gather=_gather, rank=rank, autocast=autocast,
-                           channels_last=channels_last)
+                           channels_last=channels_last, augment=augment)
+        checkpointing.flush(session)  # _finish may load the best epoch's checkpoint
         _finish(spec, session, model, val=val, test=test, device=device, rank=rank, tracker=tracker,
                 autocast=autocast, channels_last=channels_last, nodes=nodes)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into this): a rerun resumes the run
+        checkpointing.settle()
         tracker.close("KILLED")
         raise
     except BaseException:
+        checkpointing.settle()
         tracker.close("FAILED")
         raise
     tracker.close("FINISHED")

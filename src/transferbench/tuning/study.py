@@ -64,6 +64,7 @@ from optuna.trial import FrozenTrial, TrialState
 from transferbench.config import TUNED_PARAMETERS, FinetuneSettings, SensitivitySettings, Settings
 from transferbench.engine import loop
 from transferbench.engine.cluster import configured_address, connect
+from transferbench.engine.augment import batch_augment
 from transferbench.engine.data import CachedImages, eval_loader, read_manifests, train_loader
 from transferbench.engine.inputs import prepare_inputs
 from transferbench.engine.tasks import task_metric
@@ -314,12 +315,15 @@ class SensitivityObjective:
         inputs = prepare_inputs(settings.data, task, settings.task(task), self.entry, self.base, splits=("train", "val"))
         self.kind, self.img_size = inputs.kind, inputs.img_size
         mean, std = inputs.spec.mean, inputs.spec.std
+        self.device = torch.device("cuda" if settings.ray.use_gpu and torch.cuda.is_available() else "cpu")
+        self.augment = batch_augment(self.base, self.kind, device=self.device, img_size=self.img_size, mean=mean,
+                                     std=std)
         self.train_set = CachedImages(inputs.caches["train"], img_size=self.img_size, mean=mean, std=std, train=True,
                                       rotation_degrees=self.base.rotation_degrees, hflip=self.base.hflip,
-                                      augment=self.kind.train_transforms(self.img_size, self.base))
+                                      augment=self.kind.train_transforms(self.img_size, self.base),
+                                      device_augment=self.augment is not None)
         self.val_set = CachedImages(inputs.caches["val"], img_size=self.img_size, mean=mean, std=std, train=False)
         self.registry = RunRegistry.from_settings(settings.tracking)
-        self.device = torch.device("cuda" if settings.ray.use_gpu and torch.cuda.is_available() else "cpu")
 
     def _claim(self, trial: optuna.Trial, index: int) -> str | None:
         """Why this trial may not run (all n_trials slots taken, or its configuration already taken), or None."""
@@ -371,6 +375,7 @@ class SensitivityObjective:
             seed = self.sensitivity.seed
             session = loop.fit(
                 model, kind=self.kind, protocol=protocol, seed=seed, hooks=[hook], device=self.device,
+                augment=self.augment,
                 train_loader=train_loader(self.train_set, batch_size=protocol.batch_size, seed=seed),
                 val_loader=eval_loader(self.val_set, batch_size=protocol.eval_batch_size))
         except BaseException:

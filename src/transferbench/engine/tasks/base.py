@@ -111,6 +111,14 @@ class TaskKind(ABC):
         ``img_size`` crop), or None: the protocol's random crop, rotation and flip."""
         return None
 
+    def batch_augmentation(self, protocol: FinetuneSettings) -> tuple[float, bool] | None:
+        """(rotation in degrees, flip) of the batched crop/rotation/flip (``engine.augment``) that stands for
+        ``train_transforms`` on the training device; None: the kind's augmentation has no batched form, and
+        runs per sample on the CPU."""
+        if self.train_transforms(protocol.img_size, protocol) is not None:
+            return None
+        return protocol.rotation_degrees, protocol.hflip
+
     def trivial_baseline(self, train_targets: np.ndarray, test_targets: np.ndarray) -> tuple[str, float] | None:
         """(what it is, its test value of the selection metric) for a predictor that ignores the image, e.g.
         predicting the training mean; the drift gate's ``trivial`` learning floor. None: the kind has none."""

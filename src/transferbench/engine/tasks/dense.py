@@ -234,6 +234,9 @@ class _Dense(TaskKind):
     def train_transforms(self, img_size: int, protocol: FinetuneSettings) -> v2.Transform:
         return dense_train_transforms(img_size, protocol)
 
+    def batch_augmentation(self, protocol: FinetuneSettings) -> tuple[float, bool] | None:
+        return 0.0, protocol.hflip  # dense_train_transforms: crop and flip, no rotation
+
 
 @register_task_kind("segmentation")
 @dataclass(frozen=True)

@@ -176,6 +176,9 @@ class MultiTask(TaskKind):
         else the engine's classification augmentation."""
         return dense_train_transforms(img_size, protocol) if self.dense_targets else None
 
+    def batch_augmentation(self, protocol: FinetuneSettings) -> tuple[float, bool] | None:
+        return (0.0, protocol.hflip) if self.dense_targets else (protocol.rotation_degrees, protocol.hflip)
+
     def loss(self, protocol: FinetuneSettings) -> nn.Module:
         return MultiTaskLoss(self.names, [k.loss(protocol) for k in self.kinds], self.domains, self.weights,
                              self.routed)
