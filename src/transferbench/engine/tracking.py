@@ -16,6 +16,7 @@ close, never ending the caller's run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -82,6 +83,23 @@ def resolve_tracking_uri(configured: str) -> str:
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
         uri = prefix + str(Path(uri[len(prefix):]).resolve())
     return uri
+
+
+def store_lock(tracking_uri: str) -> contextlib.AbstractContextManager:
+    """A lock that serialises find-or-create steps across the processes sharing a SQLite store.
+
+    Concurrent stages (``transferbench repro --jobs N``, ``dvc queue start -j N``) each look up, then
+    create, the experiment, the study's parent run and keyed runs; the first of them also creates the
+    schema of an empty store. On SQLite (one machine, by SQLite's own rule) a file lock beside the
+    database makes each step atomic; a server store has no shared file, so ``RunRegistry`` there keeps
+    the earliest of any duplicates instead. Reentrant, so a locked step may call another.
+    """
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(tracking_uri[len(prefix):] + ".lock", timeout=300)
 
 
 def experiment_artifact_location(tracking_uri: str, configured: str | Path) -> str | None:
@@ -159,15 +177,24 @@ class RunRegistry:
 
     def __init__(self, *, tracking_uri: str, experiment: str, artifact_location: str | Path) -> None:
         from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
 
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:
-            self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=experiment_artifact_location(tracking_uri, artifact_location))
-        else:
-            self.experiment_id = found.experiment_id
+        self._lock = store_lock(tracking_uri)
+        with self._lock:  # the first touch creates a SQLite store's schema: one process at a time
+            self.client = MlflowClient(tracking_uri)
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
+                try:
+                    found_id = self.client.create_experiment(
+                        experiment, artifact_location=experiment_artifact_location(tracking_uri, artifact_location))
+                except MlflowException as exc:  # a server store: another process created it first
+                    if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                    found_id = self.client.get_experiment_by_name(experiment).experiment_id
+                self.experiment_id = found_id
+            else:
+                self.experiment_id = found.experiment_id
 
     @classmethod
     def from_settings(cls, tracking: TrackingSettings) -> RunRegistry:
@@ -181,13 +208,23 @@ class RunRegistry:
 
     def study_run(self, study: str) -> str:
         """The parent run of ``study`` (created on first use)."""
-        runs = self._search(f"tags.`{STUDY_TAG}` = '{study}' and tags.`{KIND_TAG}` = 'study'")
-        if runs:
-            return runs[0].info.run_id
-        run = self.client.create_run(self.experiment_id, run_name=study,
-                                     tags={STUDY_TAG: study, KIND_TAG: "study"})
-        self.client.set_terminated(run.info.run_id, "FINISHED")
-        return run.info.run_id
+        query = f"tags.`{STUDY_TAG}` = '{study}' and tags.`{KIND_TAG}` = 'study'"
+        with self._lock:
+            runs = self._search(query)
+            if runs:
+                return runs[0].info.run_id
+            run = self.client.create_run(self.experiment_id, run_name=study,
+                                         tags={STUDY_TAG: study, KIND_TAG: "study"})
+            self.client.set_terminated(run.info.run_id, "FINISHED")
+            return self._first(query, run.info.run_id)
+
+    def _first(self, query: str, created: str) -> str:
+        """The earliest run matching ``query``. Processes on a server store (no shared lock) may both create the
+        run; each keeps the earliest and deletes its own if another came first, so one survives."""
+        first = self._search(query)[0].info.run_id
+        if first != created:
+            self.client.delete_run(created)
+        return first
 
     def child_run(self, *, study: str, run_key: str, run_name: str, tags: Mapping[str, Any],
                   reuse: str | None = None) -> tuple[str, bool]:
@@ -212,14 +249,17 @@ class RunRegistry:
         Used by the sensitivity study for its parent, per-study and per-trial runs, so a rerun
         after a crash finds the runs it had created instead of adding new ones.
         """
-        runs = self._search(f"tags.`{STUDY_TAG}` = '{study}' and tags.`{KIND_TAG}` = '{kind}' "
-                            f"and tags.`{RUN_KEY_TAG}` = '{run_key}'")
-        if runs:
-            return runs[0].info.run_id
-        all_tags = {**_clean(tags or {}), STUDY_TAG: study, KIND_TAG: kind, RUN_KEY_TAG: run_key}
-        if parent:
-            all_tags["mlflow.parentRunId"] = parent
-        return self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        query = (f"tags.`{STUDY_TAG}` = '{study}' and tags.`{KIND_TAG}` = '{kind}' "
+                 f"and tags.`{RUN_KEY_TAG}` = '{run_key}'")
+        with self._lock:
+            runs = self._search(query)
+            if runs:
+                return runs[0].info.run_id
+            all_tags = {**_clean(tags or {}), STUDY_TAG: study, KIND_TAG: kind, RUN_KEY_TAG: run_key}
+            if parent:
+                all_tags["mlflow.parentRunId"] = parent
+            created = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
+            return self._first(query, created)
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float | None], step: int | None = None) -> None:
         import time
