@@ -25,12 +25,15 @@ $(LINTER): .github/lint/package-lock.json
 	@if command -v npm >/dev/null; then npm ci --prefix .github/lint --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the workflow lint test will skip"; fi
 
-## make repro: fetch the raw data (mirror or upstream) and run the study with `dvc repro`,
-## every stage on one Ray head node for the whole run (`transferbench with-ray`; a cluster
-## already configured by ray.address / RAY_ADDRESS is used as is).
+## make repro: fetch the raw data (mirror or upstream) and run the study's out-of-date stages,
+## up to JOBS independent ones at once (`transferbench repro --jobs`: each is DVC's own
+## `dvc repro --single-item`, so dvc.lock is what a sequential `dvc repro` writes), on one Ray
+## head node for the whole run (`transferbench with-ray`; a cluster already configured by
+## ray.address / RAY_ADDRESS is used as is). JOBS=1 runs them one at a time.
+JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 repro: $(STAMP)
 	$(BIN)/transferbench fetch
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/transferbench with-ray -- dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/transferbench with-ray -- transferbench repro --jobs $(JOBS)
 
 ## make test: the fast test suite (slow integration tests: make test-slow).
 test: $(STAMP) $(LINTER)

@@ -309,10 +309,40 @@ def _with_ray(args: argparse.Namespace) -> int:
                             needs_cluster=not settings.ray.local_mode)
 
 
+def _repro_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1,
+                        help="independent stages to run at once (default: the CPU count, %(default)s)")
+    parser.add_argument("--dry-run", action="store_true", help="print the stages that would run, in order, and stop")
+    parser.add_argument("targets", nargs="*", help="stages (or dvc.yaml files) to reproduce with what they depend on "
+                                                   "(default: the whole study)")
+
+
+@command("repro", "dvc repro with up to --jobs independent out-of-date stages at once, each recorded in dvc.lock by "
+         "DVC itself (`dvc repro --single-item`); on a Ray cluster each reserves its fine-tune's resources",
+         _repro_arguments)
+def _repro(args: argparse.Namespace) -> int:
+    from transferbench.engine.cluster import configured_address
+    from transferbench.runner import Runner, plan, stage_resources
+
+    settings = load_settings(args.params)
+    steps = plan(".", args.targets)
+    print(f"transferbench repro: {len(steps.order)} stage(s) to run, {steps.up_to_date} up to date; "
+          f"up to {args.jobs} at once", flush=True)
+    if args.dry_run:
+        for stage in steps.order:
+            print(f"  {stage}" + (f"  (after {', '.join(sorted(steps.needs[stage]))})" if steps.needs[stage] else ""))
+        return 0
+    ray = settings.ray
+    runner = Runner(jobs=args.jobs, ray_address=configured_address(ray.address), emit=lambda line: print(line, flush=True),
+                    resources=lambda stage: stage_resources(stage, local_mode=ray.local_mode,
+                                                            cpus_per_worker=ray.cpus_per_worker, use_gpu=ray.use_gpu))
+    return runner.run(steps)
+
+
 # --help lists the stages in the order the pipeline runs them.
 PIPELINE_ORDER = ("fetch", "generate", "split", "validate", "finetune", "finetune-multitask", "retrieve", "sensitivity",
                   "sensitivity-report",
-                  "register", "compare", "with-ray", "check-params")
+                  "register", "compare", "repro", "with-ray", "check-params")
 
 
 def build_parser() -> argparse.ArgumentParser:

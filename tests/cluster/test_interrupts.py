@@ -1,4 +1,4 @@
-"""Ctrl-C or SIGTERM to ``transferbench with-ray -- dvc repro`` (what ``make repro`` runs) mid fine-tune.
+"""Ctrl-C or SIGTERM to ``transferbench with-ray -- transferbench repro`` (``make repro``) mid fine-tune.
 
 Real parts: a git + DVC repo whose one stage is a real ``transferbench finetune``, a real Ray head
 node (``with-ray``) with a Ray Train worker actor, and real signals sent to the process group, as a
@@ -53,9 +53,10 @@ def _repo(root: Path, splits: Path, num_workers: int) -> tuple[Path, dict]:
 
 
 def _with_ray(root: Path, env: dict) -> subprocess.Popen:
-    """``with-ray -- dvc repro`` as a terminal job: the leader of a process group of its own."""
+    """``with-ray -- transferbench repro --jobs 2`` (``make repro``) as a terminal job: the leader of a process
+    group of its own. With a Ray head the stage runs as a Ray task, in local mode as a local process."""
     command = [sys.executable, "-m", "transferbench.cli", "--params", "params.yaml", "with-ray", "--cpus", "2",
-               "--log-dir", str(root / "ray-logs"), "--", str(BIN / "dvc"), "repro"]
+               "--log-dir", str(root / "ray-logs"), "--", str(BIN / "transferbench"), "repro", "--jobs", "2"]
     return subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
