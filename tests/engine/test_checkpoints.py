@@ -4,6 +4,8 @@ optimiser and file system (the sigkill-mid-write test is in test_local_mode.py).
 from __future__ import annotations
 
 import os
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,3 +69,15 @@ def test_a_failed_write_is_raised_naming_the_file_and_leaves_no_state_file(tmp_p
         writer.wait()
     assert not (directory / STATE_FILE).exists()
     writer.wait()  # raised once: a later wait (after the run has handled it) has nothing in flight
+
+
+def test_no_writer_thread_outlives_its_write(tmp_path: Path) -> None:
+    """The CLI's exit joins every non-daemon thread: an idle writer thread would hang every stage at its end."""
+    writer = StateWriter()
+    writer.start(tmp_path / "epoch_0001", {"x": torch.zeros(3)})
+    writer.wait()
+    writers = [t for t in threading.enumerate() if t.name.startswith("checkpoint-writer")]
+    for thread in writers:
+        thread.join(timeout=10)
+    assert not [t.name for t in writers if t.is_alive()]
+    assert (tmp_path / "epoch_0001" / "state.pt").is_file()

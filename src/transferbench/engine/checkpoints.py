@@ -14,7 +14,8 @@ import copy
 import logging
 import os
 import shutil
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +105,14 @@ class StateWriter:
     """
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending: Future[Path] | None = None
 
     def start(self, directory: str | Path, state: Any) -> Future[Path]:
-        """Write ``state`` (a ``snapshot``: nothing may change it while it is written) to ``directory``."""
+        """Write ``state`` (a ``snapshot``: nothing may change it while it is written) to ``directory``.
+
+        Each write has a thread of its own that ends with it (not an idle pool thread, which the CLI's
+        exit, joining every non-daemon thread, would wait for forever); it is not a daemon, so a process
+        that ends normally finishes the write in flight first."""
         self.wait()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -116,8 +120,17 @@ class StateWriter:
         if torch.cuda.is_initialized():  # the snapshot's non-blocking copies from the GPU, on this stream
             ready = torch.cuda.Event()
             ready.record()
-        self._pending = self._pool.submit(_write_state, directory / STATE_FILE, state, ready)
-        return self._pending
+        future: Future[Path] = Future()
+
+        def write() -> None:
+            try:
+                future.set_result(_write_state(directory / STATE_FILE, state, ready))
+            except BaseException as exc:  # noqa: BLE001 -- handed to whoever waits for the future
+                future.set_exception(exc)
+
+        threading.Thread(target=write, name=f"checkpoint-writer {directory.name}").start()
+        self._pending = future
+        return future
 
     def wait(self) -> None:
         """Block until the write in flight (if any) is on disk; raise its ``CheckpointWriteError``."""
