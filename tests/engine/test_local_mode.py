@@ -173,14 +173,19 @@ def test_local_mode_leaves_the_callers_torch_switches_as_it_found_them(toy_split
 
     settings = toy_settings(toy_splits, **{k: v for k, v in _local(toy_splits, tmp_path).items()
                                            if k in ("ray", "tracking")}, finetune={"max_epochs": 1})
-    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.get_num_threads()
     torch.backends.cudnn.benchmark = True
+    torch.set_num_threads(2)
     try:
-        run_finetune(settings, task="toy", backbone="test_vit", seed=0, metrics_dir=tmp_path / "m",
-                     plots_dir=tmp_path / "p")
+        result = run_finetune(settings, task="toy", backbone="test_vit", seed=0, metrics_dir=tmp_path / "m",
+                              plots_dir=tmp_path / "p")
         assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == (before[0], True)
+        # trained on ray.cpus_per_worker threads whatever the process had: the run's numbers depend on the count
+        (seed,) = result if isinstance(result, list) else [result]
+        assert seed["threads"] == int(settings.ray.cpus_per_worker) == 1 and torch.get_num_threads() == 2
     finally:
         torch.backends.cudnn.benchmark = before[1]
+        torch.set_num_threads(before[2])
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ Outputs, read by ``dvc metrics show`` / ``dvc plots show`` and by the rank table
               computed with the best epoch's weights
   training    best_epoch, epochs_run, best_val_loss, stop_reason (early_stop | max_epochs | hook),
               resumed_at_epochs (non-empty when the run recovered from a checkpoint), world_size and
-              ray_nodes, device, precision and channels_last as rank 0 trained, train_seconds
+              ray_nodes, device, precision, channels_last and threads as rank 0 trained, train_seconds
   provenance  mlflow_run_id, mlflow_parent_run_id, data_version (hash of the split manifests),
               git_commit, ray_run_name
 ``plots/finetune/<task>/<backbone>/<mode>/seed<S>.csv`` -- per epoch: epoch, train_loss, val_loss, the
@@ -155,7 +155,7 @@ def run_seed(job: Job, inputs: TaskInputs, registry: RunRegistry, *, seed: int, 
            for m in (*kind.metrics, MetricSpec("loss", higher_is_better=False))},
         **{k: final[k] for k in ("best_epoch", "epochs_run", "best_val_loss", "stop_reason", "resumed_at_epochs")},
         "world_size": final["world_size"], "ray_nodes": len(set(final["worker_nodes"])),
-        **{k: final[k] for k in HARDWARE_KEYS},
+        **{k: final.get(k) for k in HARDWARE_KEYS},  # a run completed before a key was added lacks it
         "train_seconds": round(time.perf_counter() - started, 2),
         "mlflow_run_id": run_id, "mlflow_parent_run_id": parent_id, "data_version": data_version,
         "git_commit": commit, "ray_run_name": run_name,

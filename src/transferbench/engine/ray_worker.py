@@ -153,15 +153,33 @@ def _deterministic() -> Iterator[None]:
 
 def hardware(device: torch.device, autocast: torch.dtype | None, channels_last: bool) -> dict[str, Any]:
     """What rank 0 trained on, as it ran (not as configured): ``device`` (``cpu`` or the GPU's name),
-    ``precision`` (``bf16-autocast`` or ``fp32``) and ``channels_last``."""
+    ``precision`` (``bf16-autocast`` or ``fp32``), ``channels_last`` and the intra-op ``threads``."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"device": name, "precision": "bf16-autocast" if autocast == torch.bfloat16 else "fp32",
-            "channels_last": channels_last}
+            "channels_last": channels_last, "threads": torch.get_num_threads()}
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """``count`` intra-op threads for the run, the caller's afterwards.
+
+    A worker actor gets ``ray.cpus_per_worker`` threads from Ray (``OMP_NUM_THREADS``); local mode would get
+    the machine's cores, or ``transferbench repro``'s cores / jobs. The thread count changes the order of
+    float reductions, so a run's numbers would depend on the machine and on ``--jobs`` (the smoke study's
+    multi-task depth RMSE moved by 0.055 between 2 threads and 1): local mode pins it to the param too."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def run(spec: WorkerSpec) -> None:
     """One rank's whole fine-tune (the body of ``ray_driver.train_worker``)."""
-    with _deterministic():
+    threads = (_threads(max(1, int(spec.ray.cpus_per_worker))) if spec.ray.local_mode
+               else contextlib.nullcontext())
+    with _deterministic(), threads:
         _run(spec)
 
 
@@ -306,6 +324,7 @@ def _log_outcome(spec: WorkerSpec, final: dict[str, Any], outputs: dict[str, Any
                       "transferbench.world_size": final["world_size"],
                       "transferbench.device": final["device"], "transferbench.precision": final["precision"],
                       "transferbench.channels_last": str(final["channels_last"]).lower(),
+                      "transferbench.threads": final["threads"],
                       "transferbench.ray_nodes": len(set(final["worker_nodes"]))})
     title = (f"{spec.task} / {spec.backbone_name} ({spec.backbone.family}, weights: {spec.backbone.weights}"
              f"{', RANDOM INIT' if spec.backbone.weights == 'none' else ''}) seed {spec.seed}")

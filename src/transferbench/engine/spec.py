@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 STATE_FILE = "state.pt"  # a checkpoint's state, in <run_dir>/epoch_NNNN/
 FINAL_FILE = "final.json"  # rank 0's outcome: history, best epoch, val/test metrics, hardware
 # What rank 0 really trained on, in final.json (ray_worker.hardware): device, precision, channels_last.
-HARDWARE_KEYS = ("device", "precision", "channels_last")
+HARDWARE_KEYS = ("device", "precision", "channels_last", "threads")
 # Ray Train's controller poll interval; Ray copies it from the driver's environment to the
 # controller and the workers (ray.train.v2 ENV_VARS_TO_PROPAGATE).
 REPORT_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
