@@ -293,4 +293,15 @@ class RunRegistry:
             dataset = mlflow.data.from_pandas(frame, source=str(sources[split]), targets=targets,
                                               name=f"{task}/{split}", digest=digests[split][:8])
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", split)]))
-        self.client.log_inputs(run_id, datasets=inputs)
+        # MLflow finds, then inserts, each dataset of the experiment: two stages of one task logging the same
+        # manifests at once (transferbench repro --jobs) hit "UNIQUE constraint failed: datasets..." on the
+        # insert. Serialised on SQLite; on a server store the loser's retry finds the winner's row.
+        from mlflow.exceptions import MlflowException
+
+        with self._lock:
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+            except MlflowException as exc:
+                if "UNIQUE" not in str(exc) and "duplicate key" not in str(exc):
+                    raise
+                self.client.log_inputs(run_id, datasets=inputs)
