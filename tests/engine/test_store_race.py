@@ -22,9 +22,11 @@ time.sleep(max(0.0, start - time.time()))
 registry = RunRegistry(tracking_uri=uri, experiment="race", artifact_location=artifacts)
 print(registry.experiment_id, registry.study_run("s"), registry.keyed_run(study="s", kind="sensitivity",
       run_key="k", run_name="k"))
-# two stages of one task log the same split manifest as a dataset input (MLflow finds, then inserts it)
+# two stages of one task log the same split manifest as a dataset input (MLflow finds, then inserts it),
+# again at one instant: the steps above are serialised, so the processes no longer run in step
 import pandas as pd, pathlib
 run = registry.client.create_run(registry.experiment_id).info.run_id
+time.sleep(max(0.0, start + 20 - time.time()))
 registry.log_manifests(run, {"train": pd.DataFrame({"filename": ["a.png"], "label": ["x"]})},
                        {"train": pathlib.Path("train.csv")}, task="t", digests={"train": "0123456789"}, targets="label")
 """
