@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transferbench.engine.cluster import signal_group
 from transferbench.errors import TransferbenchError
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ class Runner:
         refs = []
         for running in runs:
             if running.process is not None:
-                _signal_group(running.process.pid, signal.SIGINT)
+                signal_group(running.process.pid, signal.SIGINT)
             else:
                 import ray
 
@@ -214,7 +215,7 @@ class Runner:
             try:
                 running.process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _signal_group(running.process.pid, signal.SIGKILL)
+                signal_group(running.process.pid, signal.SIGKILL)
                 running.process.wait()
 
     # -- the schedule ------------------------------------------------------------------------
@@ -283,13 +284,6 @@ class StageFailed(TransferbenchError):
         super().__init__("\n".join(lines))
 
 
-def _signal_group(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass
-
-
 _DEFAULT_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
                    "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM}); "
                    "os.execv(sys.argv[1], sys.argv[1:])")
@@ -318,11 +312,11 @@ def _run_group(command: list[str], cwd: str, env: dict[str, str]) -> tuple[int, 
         reader.join()
         return process.returncode, lines
     except BaseException:  # ray.cancel raises TaskCancelledError (a KeyboardInterrupt elsewhere) here
-        _signal_group(process.pid, signal.SIGINT)
+        signal_group(process.pid, signal.SIGINT)
         try:
             process.wait(STOP_GRACE_S)
         except subprocess.TimeoutExpired:
-            _signal_group(process.pid, signal.SIGKILL)
+            signal_group(process.pid, signal.SIGKILL)
         raise
 
 

@@ -302,13 +302,14 @@ def run_interruptible(command: Sequence[str], *, env: dict[str, str] | None = No
             if received:
                 first = time.monotonic() if first is None else first
                 while escalation and time.monotonic() - first >= escalation[0][0]:
-                    _signal_group(child.pid, escalation.pop(0)[1])
+                    signal_group(child.pid, escalation.pop(0)[1])
         if received:  # anything of the group that outlived its leader
-            _signal_group(child.pid, signal.SIGKILL)
+            signal_group(child.pid, signal.SIGKILL)
     return 128 + received[0] if received else code
 
 
-def _signal_group(pgid: int, signum: int) -> None:
+def signal_group(pgid: int, signum: int) -> None:
+    """``signum`` to a process group; one that has already ended is not an error."""
     try:
         os.killpg(pgid, signum)
     except ProcessLookupError:
