@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 LINTER := .github/lint/node_modules/.package-lock.json
 
-.PHONY: repro test test-slow test-all venv lock clean-venv
+.PHONY: repro test test-slow test-study test-all venv lock clean-venv
 
 venv: $(STAMP)
 
@@ -37,11 +37,15 @@ repro: $(STAMP)
 
 ## make test: the fast test suite (slow integration tests: make test-slow).
 test: $(STAMP) $(LINTER)
-	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not slow and not study" $(PYTEST_ARGS)
 
 # pytest exits 5 when no test is selected; that is not a failure of the slow suite.
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+## make test-study: checks on the study `make repro` made (e.g. its champion served over HTTP).
+test-study: $(STAMP)
+	$(BIN)/pytest -m study $(PYTEST_ARGS)
 
 test-all: $(STAMP) $(LINTER)
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -539,7 +539,8 @@ class TrackingSettings(Section):
     experiment: Str = "transferbench"
     # CPU/GPU/memory metrics of the rank-0 worker, sampled while it trains.
     system_metrics: Bool = True
-    # Log the best model with mlflow.pytorch (signature + input example).
+    # Log the best model: the served pyfunc `serving` (images in, answers out; safetensors, what `register`
+    # registers) and the raw mlflow.pytorch module `model`. Off: nothing to register.
     log_model: Bool = True
 
 

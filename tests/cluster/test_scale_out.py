@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import mlflow.pyfunc
 import numpy as np
 import optuna
 import pytest
@@ -189,7 +190,7 @@ def test_smoke_study_on_the_tracking_server_equals_the_embedded_one(ray_two_node
     for uri in (f"sqlite:///{embedded / 'mlruns.db'}", mlflow_server.uri):
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
-        model = mlflow.pytorch.load_model(f"models:/{entry['registered_model']}@{alias}")
+        model = mlflow.pyfunc.load_model(f"models:/{entry['registered_model']}@{alias}").unwrap_python_model().model
         with torch.no_grad():
             outputs.append(model.eval()(image).numpy())
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=0, atol=1e-6)

@@ -8,8 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import mlflow.pyfunc
 import mlflow.pytorch
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -19,6 +21,7 @@ from transferbench.data.synthetic_age import generate
 from transferbench.data.validation import validate_task
 from transferbench.engine.data import build_cache, read_manifests
 from transferbench.engine.tasks import kind_for_task
+from transferbench.engine.tasks.age import expected_age
 from transferbench.errors import DataError
 from transferbench.stages.finetune import run_finetune
 
@@ -82,6 +85,12 @@ def test_age_finetune_beats_the_training_mean_and_its_model_predicts_ages(age_st
     assert scores["mae"] == pytest.approx(result["test_mae"], abs=1e-4)
     predicted = kind.prediction_table(["x"] * len(logits), logits, images.targets.numpy())["prediction"]
     assert np.all((predicted >= 0) & (predicted <= 69))  # the softmax mean over ages 0..max_age
+
+    # the served model (engine.serving) answers an age in years per image (uint8 H x W x 3 arrays), as evaluation does
+    served = mlflow.pyfunc.load_model(f"runs:/{result['mlflow_run_id']}/serving")
+    arrays = pd.Series([np.ascontiguousarray(i.permute(1, 2, 0).numpy()) for i in images.images], dtype=object)
+    ages = served.predict(pd.DataFrame({"image": arrays}))["age"].to_numpy()
+    np.testing.assert_allclose(ages, expected_age(logits), atol=1e-4)
 
 
 def test_an_age_outside_the_softmax_fails_validation_naming_it(age_study):

@@ -11,7 +11,10 @@ import json
 from pathlib import Path
 
 import mlflow
+import mlflow.pyfunc
 import mlflow.pytorch
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -89,6 +92,20 @@ def test_segmentation_on_a_plain_vit_learns_logs_per_iteration_and_its_model_pre
     assert logits.shape == (len(data), 4, size, size)  # a mask's logits at the input size
     assert kind.evaluate(kind.reduce(logits).numpy(), targets)["miou"] == pytest.approx(result["test_miou"], abs=1e-4)
 
+    # the served model (engine.serving) answers each test image, given as a uint8 H x W x 3 array, with its mask
+    answers = _served(run_id, data.images)
+    masks = np.stack([a["mask"] for a in answers])
+    assert masks.shape == (len(data), size, size)
+    assert (masks == kind.reduce(logits).numpy()).mean() > 0.999  # the engine's own masks (argmax ties aside)
+
+
+def _served(run_id: str, images: torch.Tensor) -> list[dict]:
+    """The run's served model (``serving``, a pyfunc) on uint8 (N, 3, H, W) images given as H x W x 3 arrays."""
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/serving")
+    frame = pd.DataFrame({"image": pd.Series([np.ascontiguousarray(i.permute(1, 2, 0).numpy()) for i in images],
+                                             dtype=object)})
+    return model.predict(frame).to_dict("records")
+
 
 def test_depth_learns_below_the_mean_training_depth(dense_study):
     result = _run(dense_study, "synthetic_depth", "test_resnet")
@@ -109,6 +126,17 @@ def test_segmentation_and_depth_train_one_backbone_with_two_heads(dense_study):
     plots = {Path(a.path).name for a in client.list_artifacts(result["mlflow_run_id"], "plots")}
     assert {"synthetic_seg_segmentation_test.png", "synthetic_depth_depth_test.png"} <= plots
 
+    settings = load_settings(dense_study)
+    mlflow.set_tracking_uri(settings.tracking.tracking_uri)
+    cache = next((Path(settings.data.cache_dir) / "synthetic_seg_depth").glob("test-*.pt"))
+    [answer] = _served(result["mlflow_run_id"], torch.load(cache, weights_only=True)["images"][:1])
+    size = settings.finetune_for("test_resnet", "synthetic_seg_depth").img_size
+    assert set(answer) == {"synthetic_seg", "synthetic_depth"}  # one answer per head
+    assert answer["synthetic_seg"]["mask"].shape == answer["synthetic_depth"]["depth"].shape == (size, size)
+    dense = settings.task("synthetic_depth").dense
+    assert dense.min_depth <= answer["synthetic_depth"]["depth"].min() <= answer["synthetic_depth"]["depth"].max() \
+        <= dense.max_depth
+
 
 def test_two_mixed_datasets_are_routed_to_their_heads(dense_study):
     result = _run(dense_study, "synthetic_mixed", "test_resnet")
@@ -116,6 +144,14 @@ def test_two_mixed_datasets_are_routed_to_their_heads(dense_study):
     first, second = result["components"]
     assert (first["task"], second["task"]) == ("synthetic", "synthetic_b")
     assert first["test_score"] > 0.6 and first["test_score"] == result["test_synthetic.accuracy"]
+
+    settings = load_settings(dense_study)
+    mlflow.set_tracking_uri(settings.tracking.tracking_uri)
+    cache = next((Path(settings.data.cache_dir) / "synthetic_mixed").glob("test-*.pt"))
+    answers = _served(result["mlflow_run_id"], torch.load(cache, weights_only=True)["images"][:4])
+    for answer in answers:  # each head's answer, and the dataset the router sends the image to
+        assert answer["router"]["component"] in ("synthetic", "synthetic_b") and answer["router"]["probability"] >= 0.5
+        assert sum(answer["synthetic"]["probabilities"].values()) == pytest.approx(1.0)
 
 
 def test_a_backbone_the_task_does_not_list_gets_no_run_and_a_note(dense_study):

@@ -113,3 +113,27 @@ def write_metrics(metrics_dir: Path, scores: Mapping[str, Mapping[str, Sequence[
                 path = metrics_dir / name / backbone / (mode or "full") / f"seed{seed}.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(metrics_record(task, backbone, seed, metrics[task], value)))
+
+
+def log_served_classifier(backbone: str, *, seed: int, img_size: int, classes: Sequence[str] = ("a", "b")) -> str:
+    """Log a real (untrained) classifier on a timm test_* backbone as the active MLflow run's ``serving`` model, the
+    way training does (``engine.serving``); returns its model URI."""
+    import numpy as np
+    import torch
+
+    from transferbench.config import BackboneSettings, FinetuneSettings
+    from transferbench.engine.serving import example_png, log_serving_model, served_spec
+    from transferbench.engine.tasks import kind_for_task
+    from transferbench.models import InputSpec, build_model
+
+    torch.manual_seed(seed + 100 * len(backbone))
+    entry = BackboneSettings(model=backbone, family=BACKBONES[backbone][0], weights="none")
+    task = TaskSettings.model_validate({"dataset": "synthetic", "metric": "accuracy", "split": {"rule": "random"}})
+    summary = {"classes": list(classes)}
+    kind, protocol = kind_for_task(task, summary), FinetuneSettings()
+    model = build_model(entry, img_size=img_size, head=lambda n: kind.head(n, protocol)).eval()
+    served = served_spec(task="synthetic", task_settings=task, summary=summary, backbone_name=backbone,
+                         backbone=entry, protocol=protocol, seed=seed, img_size=img_size,
+                         input_spec=InputSpec.of(model.backbone))
+    example = example_png(np.zeros((3, img_size, img_size), dtype=np.uint8))
+    return log_serving_model(model, served, example, ["torch", "timm"])

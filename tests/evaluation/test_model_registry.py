@@ -1,7 +1,7 @@
 """MLflow Model Registry: registration, aliases and idempotence, on a real SQLite store.
 
-Each (backbone, seed) is a real timm test_* model logged with ``mlflow.pytorch.log_model`` in
-its own run, with designed val/test scores so the alias choices are known in advance. Load-back
+Each (backbone, seed) is a real classifier on a timm test_* model logged as training logs it (the served
+model, ``engine.serving``) in its own run, with designed val/test scores so the alias choices are known in advance. Load-back
 of a champion from real fine-tunes is in test_registry_loadback.py.
 """
 
@@ -12,13 +12,10 @@ import shutil
 from pathlib import Path
 
 import mlflow
-import mlflow.pytorch
 import pytest
-import timm
-import torch
 from mlflow import MlflowClient
 
-from study_files import metrics_record, write_params
+from study_files import log_served_classifier, metrics_record, write_params
 from transferbench.cli import main
 
 pytestmark = pytest.mark.slow
@@ -32,15 +29,11 @@ VAL = {("test_resnet", 0): 0.70, ("test_resnet", 1): 0.60, ("test_vit", 0): 0.65
 
 
 def _log_finetuned(root: Path, backbone: str, seed: int, val: float, experiment_id: str) -> None:
-    """Log one 'fine-tuned' model as training would, and write its metrics JSON."""
-    torch.manual_seed(seed + 100 * len(backbone))
-    model = timm.create_model(backbone, num_classes=2, **({"img_size": IMG_SIZE} if "vit" in backbone else {}))
-    model.eval()  # MLflow 3's default pt2 format exports the module in its current (eval) mode
+    """Log one 'fine-tuned' model as training would (its served model), and write its metrics JSON."""
     # Designed test scores (the real engine's load-back is in test_registry_loadback.py).
     test = {"accuracy": val - 0.05, "balanced_accuracy": val - 0.06, "macro_f1": val - 0.07}
     with mlflow.start_run(experiment_id=experiment_id) as run:
-        mlflow.pytorch.log_model(model, name="model", input_example=torch.zeros(2, 3, IMG_SIZE, IMG_SIZE).numpy(),
-                                 pip_requirements=["torch", "timm"])
+        log_served_classifier(backbone, seed=seed, img_size=IMG_SIZE)
     record = metrics_record(TASK, backbone, seed, "accuracy", test["accuracy"], val, run_id=run.info.run_id)
     record |= {f"test_{k}": v for k, v in test.items()}
     path = root / "metrics" / TASK / backbone / "full" / f"seed{seed}.json"

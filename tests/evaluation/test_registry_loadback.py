@@ -4,7 +4,7 @@ Real fine-tunes (Ray Train, MLflow SQLite store) of a ConvNet and a Transformer 
 task in both training modes (full fine-tuning and the linear probe, issue #21), then
 ``transferbench register`` in a fresh process (no tracking URI but params'), then each mode's
 ``models:/<study>.<task>[.linear_probe]@champion`` is loaded with
-``mlflow.pytorch.load_model`` and scored on the test manifest with the engine's own data
+``mlflow.pyfunc.load_model`` (the served model: safetensors + transferbench's code, no pickle) and scored on the test manifest with the engine's own data
 path: it must reproduce the test metrics the run recorded.
 """
 
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import mlflow
-import mlflow.pytorch
+import mlflow.pyfunc
 import pytest
 import yaml
 
@@ -63,7 +63,8 @@ def test_champion_loads_back_and_reproduces_its_recorded_test_metrics(toy_splits
                               .read_text())
         assert champion.run_id == recorded["mlflow_run_id"] and recorded["mode"] == mode
 
-        model = mlflow.pytorch.load_model(f"models:/{name}@champion")
+        # the registered (served, safe) model: its module rebuilt from safetensors + transferbench's code
+        model = mlflow.pyfunc.load_model(f"models:/{name}@champion").unwrap_python_model().model
         scores = score_split(model, task="toy", task_settings=settings.task("toy"),
                              splits_dir=settings.data.splits_dir, cache_dir=tmp_path / "cache", split="test",
                              img_size=recorded["img_size"])

@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -76,8 +76,11 @@ def read_manifests(splits_dir: str | Path, task: str) -> TaskManifests:
     return TaskManifests(task, paths, summary)
 
 
-def _load_rgb(path: Path, side: int) -> torch.Tensor:
-    with Image.open(path) as image:
+def load_rgb(source: str | Path | BinaryIO | Image.Image, side: int) -> torch.Tensor:
+    """An image (a file, an open binary stream or a decoded image) as the cache holds it: uint8 (3, side, side),
+    16-bit and float images rescaled to 8 bit by their maximum, grayscale made RGB, then the centre square
+    resized to ``side``. The served model (``engine.serving``) reads its inputs through this too."""
+    with source if isinstance(source, Image.Image) else Image.open(source) as image:
         if image.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit / float X-rays: rescale to 8 bit
             image = image.point(lambda v: v * (255.0 / max(image.getextrema()[1], 1))).convert("L")
         image = ImageOps.fit(image.convert("RGB"), (side, side), method=Image.Resampling.BICUBIC)
@@ -98,7 +101,7 @@ def build_cache(manifests: TaskManifests, split: str, *, kind: TaskKind, side: i
     images = torch.empty((len(frame), 3, side, side), dtype=torch.uint8)
     for row, filename in enumerate(frame["filename"]):
         try:
-            images[row] = _load_rgb(Path(filename), side)
+            images[row] = load_rgb(Path(filename), side)
         except OSError as exc:
             raise DataError(f"{manifests.paths[split]} row {row + 2}: cannot read image {filename}: {exc}") from None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +128,15 @@ def _plain(target: Any) -> Any:
 
 def _length(targets: Any) -> int:
     return len(next(iter(targets.values()))) if isinstance(targets, dict) else len(targets)
+
+
+def _normalise(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Transform:
+    """What evaluation does to a cached uint8 image: the centre ``img_size`` crop, then normalisation."""
+    return v2.Compose([v2.CenterCrop(img_size), *_normalise(mean, std)])
 
 
 class CachedImages(Dataset):
@@ -154,8 +166,7 @@ class CachedImages(Dataset):
                 steps.append(v2.RandomHorizontalFlip())
         else:
             steps.append(v2.CenterCrop(img_size))
-        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-        self.transform = v2.Compose(steps)
+        self.transform = v2.Compose([*steps, *_normalise(mean, std)])
 
     def __len__(self) -> int:
         return _length(self.targets)

@@ -87,6 +87,9 @@ def run_seed(job: Job, inputs: TaskInputs, registry: RunRegistry, *, seed: int, 
     identity = {"study": job.study, "task": job.task, "backbone": job.backbone_name, "seed": seed,
                 "backbone_settings": entry.model_dump(), "finetune": protocol.model_dump(),
                 "data_version": data_version, "img_size": inputs.img_size}
+    if weights.kind == "file" and weights.path.is_file():  # new weights under the same name are a new run
+        with weights.path.open("rb") as handle:
+            identity["weights_sha256"] = hashlib.file_digest(handle, "sha256").hexdigest()
     run_key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
     run_name = f"{job.task}.{job.backbone_name}.{protocol.mode}.seed{seed}.{run_key}"
     storage = Path(job.ray.storage_path).resolve()
@@ -129,6 +132,7 @@ def run_seed(job: Job, inputs: TaskInputs, registry: RunRegistry, *, seed: int, 
 
     spec = WorkerSpec(
         task=job.task, backbone_name=job.backbone_name, backbone=entry, protocol=protocol, kind=kind, seed=seed,
+        task_settings=job.task_settings, summary=dict(manifests.summary),
         img_size=inputs.img_size, input_spec=inputs.spec, cache_files={s: str(p) for s, p in inputs.caches.items()},
         filenames={s: tuple(str(f) for f in frames[s]["filename"]) for s in SPLITS}, run_dir=str(run_dir),
         ray=job.ray, tracking=job.tracking, tracking_uri=registry.tracking_uri, mlflow_run_id=run_id)

@@ -339,6 +339,8 @@ def _log_outcome(spec: WorkerSpec, final: dict[str, Any], outputs: dict[str, Any
         kind.prediction_table(spec.filenames["test"], test_outputs, test_targets).to_csv(predictions, index=False)
         tracker.log_artifact(predictions, "predictions")
     if spec.tracking.log_model:
+        from transferbench.engine.serving import example_png, served_spec  # MLflow's pyfunc: only where it logs
+
         cpu_model = task_model.to("cpu").eval()
         cached = CachedImages(spec.cache_files["val"], img_size=spec.img_size, mean=spec.input_spec.mean,
                               std=spec.input_spec.std, train=False)
@@ -346,6 +348,11 @@ def _log_outcome(spec: WorkerSpec, final: dict[str, Any], outputs: dict[str, Any
         with torch.no_grad():
             output = loop.tree_map(lambda t: t.numpy(), cpu_model(torch.from_numpy(example)))
         tracker.log_model(cpu_model, input_example=example, output_example=output)
+        first = cached.images[0].numpy()  # a real input, as the cache holds it
+        served = served_spec(task=spec.task, task_settings=spec.task_settings, summary=spec.summary,
+                             backbone_name=spec.backbone_name, backbone=spec.backbone, protocol=spec.protocol,
+                             seed=spec.seed, img_size=spec.img_size, input_spec=spec.input_spec)
+        tracker.log_serving_model(cpu_model, served, example_png(first))
 
 
 def _first_images(cache_file: str, img_size: int, count: int = 4) -> Any:

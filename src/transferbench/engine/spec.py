@@ -8,10 +8,11 @@ module) at every run's start, and torch, timm or pydantic would make that start 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from transferbench.config import BackboneSettings, FinetuneSettings, RaySettings, TrackingSettings
+    from transferbench.config import (BackboneSettings, FinetuneSettings, RaySettings, TaskSettings,
+                                      TrackingSettings)
     from transferbench.engine.tasks import TaskKind
     from transferbench.models import InputSpec
 
@@ -42,6 +43,9 @@ class WorkerSpec:
     backbone: BackboneSettings
     protocol: FinetuneSettings
     kind: TaskKind
+    # what rebuilds ``kind`` (``kind_for_task``) for the served model: the task's settings and its split summary
+    task_settings: TaskSettings
+    summary: dict[str, Any]
     seed: int
     img_size: int
     input_spec: InputSpec

@@ -39,6 +39,7 @@ class Tracker(Protocol):
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def log_model(self, model: Any, *, input_example: Any, output_example: Any) -> str | None: ...
+    def log_serving_model(self, model: Any, served: Mapping[str, Any], example: bytes) -> str | None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -70,6 +71,10 @@ class NullTracker:
 
     def log_model(self, model: Any, *, input_example: Any, output_example: Any) -> str | None:
         self.models.append(model)
+        return None
+
+    def log_serving_model(self, model: Any, served: Mapping[str, Any], example: bytes) -> str | None:
+        self.models.append((model, dict(served)))
         return None
 
     def close(self, status: str = "FINISHED") -> None:
@@ -165,6 +170,16 @@ class MlflowTracker:
             # explicit requirements: inferring them would import-scan the whole environment
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"])
         return info.model_uri
+
+    def log_serving_model(self, model: Any, served: Mapping[str, Any], example: bytes) -> str | None:
+        """The safe, image-serving pyfunc (``engine.serving``): what the registry registers."""
+        from importlib.metadata import version
+
+        from transferbench.engine.serving import log_serving_model
+
+        requirements = [f"{name}=={version(name).split('+')[0]}"
+                        for name in ("transferbench", "torch", "timm", "safetensors", "pillow", "mlflow")]
+        return log_serving_model(model, served, example, requirements)
 
     def close(self, status: str = "FINISHED") -> None:
         active = self._mlflow.active_run()

@@ -17,12 +17,15 @@ Idempotent: a version is identified by (backbone, source run id); re-registering
 results finds the existing version and creates none. A new run (e.g. a better result) becomes a
 new version and the aliases move to it; older versions stay, as history, with their tags.
 
-Model URI convention (MLflow 3): training logs ``mlflow.pytorch.log_model(model, name="model")``
-inside run ``mlflow_run_id``, which creates a LoggedModel (id ``m-...``) whose source run is that
-run. The version's source is ``models:/<logged-model-id>``, found by that name and run (what
-``mlflow.register_model("runs:/<run>/model", ...)`` does); ``runs:/<run>/model`` is kept in the
-``model_uri`` tag. A run whose model sits in its run artifacts (MLflow 2 layout) is registered
-from there.
+What is registered: the run's ``serving`` model (``engine.serving``), an MLflow pyfunc that takes images
+(encoded bytes, base64 in JSON) and returns the task's answer (class name and probabilities, age, mask,
+depth map), in a safe format: a safetensors state dict plus the installed ``transferbench``'s code
+(MLflow "models from code"), never a pickle. The raw ``mlflow.pytorch`` module the run logs as ``model``
+(pickled) stays in the run for users who want it; the version's ``module_uri`` tag points at it.
+
+Model URI convention (MLflow 3): logging a model inside run ``mlflow_run_id`` creates a LoggedModel
+(id ``m-...``) whose source run is that run. The version's source is ``models:/<logged-model-id>``, found
+by its name and run (what ``mlflow.register_model("runs:/<run>/serving", ...)`` does).
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from transferbench.errors import TransferbenchError
+from transferbench.engine.serving import SERVING_ARTIFACT
 from transferbench.engine.tasks import MetricSpec
 from transferbench.evaluation.results import FinetuneResult
 
-MODEL_ARTIFACT = "model"
+MODULE_ARTIFACT = "model"  # the raw mlflow.pytorch module (pickled), not registered
 CHAMPION = "champion"
 # Provenance keys copied from the metrics JSON into version tags when present.
 PROVENANCE_KEYS = ("model", "weights", "random_init", "data_version", "git_commit", "best_epoch", "epochs_run")
@@ -104,8 +108,8 @@ def version_tags(result: FinetuneResult, *, study: str, seeds: Sequence[Finetune
     return tags
 
 
-def _model_source(client: MlflowClient, run_id: str) -> tuple[str, str | None]:
-    """(source URI, logged-model id) of the model logged as ``name="model"`` in ``run_id``."""
+def _model_source(client: MlflowClient, run_id: str) -> tuple[str, str]:
+    """(source URI, logged-model id) of the served model (``serving``) logged in ``run_id``."""
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
@@ -113,19 +117,17 @@ def _model_source(client: MlflowClient, run_id: str) -> tuple[str, str | None]:
     models, token = [], None
     while True:
         page = client.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                           filter_string=f"name = '{MODEL_ARTIFACT}'", page_token=token)
+                                           filter_string=f"name = '{SERVING_ARTIFACT}'", page_token=token)
         models += [m for m in page if m.source_run_id == run_id]
         token = page.token
         if not token:
             break
-    if models:
-        model = max(models, key=lambda m: m.creation_timestamp)
-        return f"models:/{model.model_id}", model.model_id
-    artifacts = {a.path for a in client.list_artifacts(run_id, MODEL_ARTIFACT)}
-    if f"{MODEL_ARTIFACT}/MLmodel" in artifacts:
-        return f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", None
-    raise RegistryError(f"MLflow run {run_id} logged no model named '{MODEL_ARTIFACT}' "
-                        f"(expected mlflow.pytorch.log_model(model, name='{MODEL_ARTIFACT}'))")
+    if not models:
+        raise RegistryError(f"MLflow run {run_id} logged no served model named '{SERVING_ARTIFACT}' (the safe, "
+                            f"image-serving pyfunc of engine.serving): it ran with tracking.log_model off or "
+                            f"before served models existed; rerun its fine-tune")
+    model = max(models, key=lambda m: m.creation_timestamp)
+    return f"models:/{model.model_id}", model.model_id
 
 
 def _ensure_registered_model(client: MlflowClient, name: str, tags: Mapping[str, str]) -> None:
@@ -162,7 +164,8 @@ def register_study(client: MlflowClient, results: Sequence[FinetuneResult], *, m
                 source, model_id = _model_source(client, result.mlflow_run_id)
                 seeds = [r for r in results if (r.evaluation, r.backbone) == (task, result.backbone)]
                 tags = version_tags(result, study=study, seeds=seeds, git_commit=git_commit)
-                tags["logged_model_id"] = model_id or "none (MLflow 2 run artifact)"
+                tags["logged_model_id"] = model_id
+                tags["module_uri"] = f"runs:/{result.mlflow_run_id}/{MODULE_ARTIFACT}"
                 version = client.create_model_version(
                     name, source, run_id=result.mlflow_run_id, model_id=model_id, tags=tags,
                     description=f"{result.backbone} ({result.family}) on {result.task} ({result.mode}), "

@@ -80,8 +80,8 @@ class FinetuneResult:
 
     @property
     def model_uri(self) -> str:
-        """Where training logged the model: ``mlflow.pytorch.log_model(..., name="model")``."""
-        return f"runs:/{self.mlflow_run_id}/model"
+        """Where training logged the served model (``engine.serving``: images in, answers out, no pickle)."""
+        return f"runs:/{self.mlflow_run_id}/serving"
 
     def scores(self, split: str) -> dict[str, float]:
         """All numeric ``<split>_<m>`` values, keyed by ``m``."""

@@ -175,6 +175,10 @@ class Age(TaskKind):
         plt.close(fig)
         return [path]
 
+    def answers(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
+        """Per image: the age in years, the softmax's mean over the ages 0..max_age (as evaluation scores it)."""
+        return [{"age": float(m)} for m in expected_age(outputs.numpy())]
+
     def prediction_table(self, filenames: Sequence[str], outputs: np.ndarray, targets: np.ndarray) -> pd.DataFrame:
         predicted = expected_age(outputs)
         return pd.DataFrame({"filename": list(filenames), "age": targets, "prediction": predicted,

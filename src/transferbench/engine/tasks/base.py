@@ -129,6 +129,12 @@ class TaskKind(ABC):
         run's score on each component)."""
         return {}
 
+    def answers(self, outputs: Any) -> list[dict[str, Any]]:
+        """The served model's answer to each image of a batch, from the model's outputs on the CPU (a tensor, or a
+        dict of tensors): what a user asks the task for, e.g. a class name and the class probabilities, an age in
+        years, a mask or a depth map (``engine.serving``)."""
+        raise NotImplementedError(f"task kind {self.name!r} has no served answer")
+
     @abstractmethod
     def prediction_table(self, filenames: Sequence[str], outputs: np.ndarray, targets: np.ndarray) -> pd.DataFrame:
         """One row per sample: what it was and what the model said."""

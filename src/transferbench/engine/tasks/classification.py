@@ -108,6 +108,15 @@ class Classification(TaskKind):
         plt.close(fig)
         return [path]
 
+    def answers(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
+        """Per image: the most probable class, its probability, and every class's probability in class order."""
+        rows = []
+        for p in softmax(outputs.double().numpy()):
+            best = int(p.argmax())
+            rows.append({"label": self.classes[best], "probability": float(p[best]),
+                         "probabilities": {name: float(v) for name, v in zip(self.classes, p, strict=True)}})
+        return rows
+
     def prediction_table(self, filenames: Sequence[str], outputs: np.ndarray, targets: np.ndarray) -> pd.DataFrame:
         names = np.asarray(self.classes)
         return pd.DataFrame({"filename": list(filenames), "label": names[targets],

@@ -270,6 +270,10 @@ class Segmentation(_Dense):
     def reduce(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.argmax(1).to(torch.uint8)
 
+    def answers(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
+        """Per image: the mask of class indices (H, W), index c for the dataset's mask value c + 1."""
+        return [{"mask": mask.numpy()} for mask in self.reduce(outputs)]
+
     def evaluate(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, float | None]:
         return segmentation_scores(confusion_matrix(outputs, targets, self.dense.num_classes))
 
@@ -346,6 +350,10 @@ class Depth(_Dense):
 
     def reduce(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.float().squeeze(1)
+
+    def answers(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
+        """Per image: the depth map (H, W) in metres, within [min_depth, max_depth]."""
+        return [{"depth": depth.numpy()} for depth in self.reduce(outputs)]
 
     def evaluate(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, float | None]:
         return depth_scores(outputs, targets, min_depth=self.dense.min_depth, max_depth=self.dense.max_depth)

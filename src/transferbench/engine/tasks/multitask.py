@@ -197,6 +197,16 @@ class MultiTask(TaskKind):
             out[ROUTER] = outputs[ROUTER]
         return out
 
+    def answers(self, outputs: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        """Per image: each component's answer under its name, and with a pre-classification head, the dataset it
+        routes the image to (``router``: the component and its probability)."""
+        per_component = {n: k.answers(outputs[n]) for n, k in zip(self.names, self.kinds, strict=True)}
+        rows = [{n: answers[i] for n, answers in per_component.items()} for i in range(len(outputs[self.names[0]]))]
+        if self.routed:  # the router's logit says "the second domain's dataset"
+            for row, p in zip(rows, torch.sigmoid(outputs[ROUTER].double()).tolist(), strict=True):
+                row[ROUTER] = {"component": self.names[int(p > 0.5)], "probability": max(p, 1.0 - p)}
+        return rows
+
     def _routed(self, outputs: np.ndarray, targets: np.ndarray, misrouted: np.ndarray) -> np.ndarray:
         """Classification logits with every misrouted image's answer made wrong (a class other than its label)."""
         out = outputs.copy()
