@@ -288,6 +288,38 @@ def _sensitivity_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="weights_action", required=True, metavar="<action>")
+    add = actions.add_parser("add", help="import a downloaded timm checkpoint as a backbone's weights (offline)",
+                             description="Check a timm checkpoint (.safetensors, .pth or .bin) key by key against "
+                                         "the backbone's architecture, write it as models/NAME.safetensors, dvc add "
+                                         "it and set the backbone's weights to file:models/NAME.safetensors.")
+    add.add_argument("backbone", help="a backbone of the catalogue (backbones in params.yaml)")
+    add.add_argument("file", help="the checkpoint: .safetensors, or .pth / .bin (read with weights_only)")
+    add.add_argument("--name", help="write models/NAME.safetensors (default: the backbone's name)")
+    add.add_argument("--no-dvc", dest="dvc", action="store_false",
+                     help="do not `dvc add` the file (version it yourself)")
+    add.add_argument("--params", default=argparse.SUPPRESS, help="path to params.yaml (default: params.yaml)")
+
+
+@command("weights", "bring your own weights: `weights add BACKBONE FILE` imports a downloaded timm checkpoint, "
+         "tracks it with DVC and points the catalogue at it (docs/weights.md)", _weights_arguments)
+def _weights(args: argparse.Namespace) -> int:
+    from transferbench.models.weights import add_weights
+
+    done = add_weights(args.params, args.backbone, args.file, name=args.name, dvc=args.dvc)
+    print(f"{done.backbone}: {done.source} matches timm model {done.model!r} ({done.tensors} tensors, "
+          f"{done.parameters:,} values) -> {done.target}{' (already there)' if done.existed else ''}")
+    print(f"{args.params}: backbones.{done.backbone}.weights: {done.previous} -> {done.weights}")
+    if done.dvc_file:
+        print(f"tracked by DVC: {done.dvc_file}")
+        print(f"next: git add {done.dvc_file} {done.target.parent}/.gitignore {args.params} && dvc push")
+    else:
+        print(f"not tracked (--no-dvc); next: dvc add {done.target}, git add its .dvc file and {args.params}, "
+              "dvc push")
+    return 0
+
+
 def _with_ray_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus", type=int, default=None, help="CPUs of the head node (default: all of them)")
     parser.add_argument("--log-dir", default="data/ray_logs", help="the nodes' logs (default: %(default)s)")

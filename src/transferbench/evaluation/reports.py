@@ -54,8 +54,11 @@ def rank_table_markdown(table: dict[str, Any]) -> str:
     lines = [f"# Rank table: study `{table['study']}`", ""]
     labels = sorted({b["weights_label"] for b in backbones.values()})
     if any(b["weights"] != "hub" for b in backbones.values()):
-        lines += [f"**Weights: {', '.join(labels)}.** Backbones not initialised from pretrained hub weights "
-                  "are marked in every row; their ranks say nothing about pretrained transfer.", ""]
+        # file: weights are pretrained too (e.g. hub weights imported offline): only random init voids the ranks.
+        caveat = ("; random-init ranks say nothing about pretrained transfer"
+                  if any(b["weights"] == "none" for b in backbones.values()) else "")
+        lines += [f"**Weights: {', '.join(labels)}.** Backbones not initialised from timm's hub weights are marked "
+                  f"in every row{caveat}.", ""]
     lines += ["Per evaluation (a task in one mode: `task` = full fine-tuning or retrieval, `task:linear_probe` = "
               "linear evaluation, `multitask/component` = one component of a multi-task model): mean ± std of the "
               "test metric over seeds, (rank). Rank 1 is best; ties share the average rank; ↓ marks lower-is-better "
