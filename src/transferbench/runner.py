@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transferbench.engine.cluster import signal_group
+from transferbench.engine.cluster import reap_orphaned_group, signal_group
 from transferbench.errors import TransferbenchError
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,7 @@ class Runner:
             return running
         running.process = subprocess.Popen(stage_command(stage), cwd=self.root, env=self._env(), text=True,
                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        reap_orphaned_group(running.process.pid, signum=signal.SIGINT, grace=STOP_GRACE_S)
 
         def read() -> None:
             assert running.process is not None and running.process.stdout is not None
@@ -297,6 +298,7 @@ def _run_group(command: list[str], cwd: str, env: dict[str, str]) -> tuple[int, 
     command = [sys.executable, "-c", _DEFAULT_SIGINT, *command]
     process = subprocess.Popen(command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                start_new_session=True)
+    reap_orphaned_group(process.pid, signum=signal.SIGINT, grace=STOP_GRACE_S)  # the Ray worker lost: still stopped
     lines: list[str] = []
 
     def read() -> None:

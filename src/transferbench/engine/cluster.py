@@ -195,6 +195,7 @@ class RayCluster:
                 [str(BIN / "ray"), "start", *args, f"--node-ip-address={ip}", "--object-store-memory",
                  str(self.object_store_bytes), "--disable-usage-stats", "--block"],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        reap_orphaned_group(process.pid, signum=signal.SIGTERM, grace=20.0)  # `ray start` stops its daemons
         self.nodes.append(process)
         return process
 
@@ -291,6 +292,7 @@ def run_interruptible(command: Sequence[str], *, env: dict[str, str] | None = No
     received: list[int] = []
     with _on_interrupt(lambda signum, frame: received.append(signum)):
         child = subprocess.Popen(list(command), env=env, process_group=0)
+        reap_orphaned_group(child.pid, signum=signal.SIGINT, grace=grace)  # this process SIGKILLed: still stopped
         escalation = [(0.0, signal.SIGINT), (grace, signal.SIGTERM), (2 * grace, signal.SIGKILL)]
         first: float | None = None
         while True:
@@ -306,6 +308,52 @@ def run_interruptible(command: Sequence[str], *, env: dict[str, str] | None = No
         if received:  # anything of the group that outlived its leader
             signal_group(child.pid, signal.SIGKILL)
     return 128 + received[0] if received else code
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet waited for, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_orphaned_group(pgid: int, *, signum: int, grace: float) -> None:
+    """Stop process group ``pgid`` (``signum``, SIGKILL after ``grace`` s) should this process die first.
+
+    A group started with ``start_new_session`` (a Ray node, the command of ``with-ray``, a stage of
+    ``transferbench repro``) is out of reach of a signal to its starter's group, and a SIGKILLed starter
+    cannot stop it: a watcher in a session of its own does, and otherwise ends with the group. Linux only
+    (``/proc``).
+    """
+    code = f"from transferbench.engine.cluster import _reap; _reap({os.getpid()}, {pgid}, {int(signum)}, {grace})"
+    subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _reap(owner: int, pgid: int, signum: int, grace: float) -> None:
+    """The watcher of ``reap_orphaned_group``: returns when the group ends, stopping it if ``owner`` ends first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the owner's to handle
+    while _group_alive(pgid):
+        if not _alive(owner):
+            signal_group(pgid, signum)
+            deadline = time.monotonic() + grace
+            while _group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            signal_group(pgid, signal.SIGKILL)
+            return
+        time.sleep(0.5)
 
 
 def signal_group(pgid: int, signum: int) -> None:
