@@ -8,6 +8,9 @@ of a champion from real fine-tunes is in test_registry_loadback.py.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 import shutil
 from pathlib import Path
 
@@ -120,3 +123,29 @@ def test_register_fails_clearly_when_the_run_is_unknown(trained, capsys):
     path.write_text(json.dumps({**json.loads(path.read_text()), "mlflow_run_id": "f" * 32}))
     assert main(["--params", str(params), "register"]) == 2
     assert f"MLflow run {'f' * 32} not found" in capsys.readouterr().err
+
+
+RACE = """
+import sys, time
+import mlflow, transferbench.stages.register  # imported before the start instant
+from transferbench.cli import main
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+sys.exit(main(["--params", sys.argv[1], "register"]))
+"""
+
+
+def test_two_register_processes_at_once_make_one_version_each_and_agree_on_the_aliases(trained):
+    """``dvc queue start -j 2`` runs two register stages on one SQLite store: real processes, started at one instant."""
+    params, client, _ = trained
+    start = time.time() + 10  # both have imported MLflow by then
+    racers = [subprocess.Popen([sys.executable, "-c", RACE, str(params), str(start)], cwd=params.parent,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for racer in racers:
+        _, err = racer.communicate(timeout=300)
+        assert racer.returncode == 0, err[-3000:]
+    versions = client.search_model_versions(f"name = '{MODEL_NAME}'")
+    assert sorted(v.tags["backbone"] for v in versions) == ["test_resnet", "test_vit"]  # no duplicate version
+    by_number = {v.version: v.tags["backbone"] for v in versions}
+    aliases = client.get_registered_model(MODEL_NAME).aliases
+    assert {a: by_number[v] for a, v in aliases.items()} == {
+        "champion": "test_vit", "best-transformer": "test_vit", "best-convnet": "test_resnet"}

@@ -81,12 +81,23 @@ class NullTracker:
         self.closed_with = status
 
 
+def repo_path(path: str | Path) -> Path:
+    """A store path from params, made absolute: relative to the DVC repository a stage runs for (``$DVC_ROOT``,
+    which DVC sets for every stage; for a queued experiment, ``dvc exp run --queue``, it is the repository the
+    experiment was queued in, not the temporary copy it runs in, so every experiment shares one store), else to
+    the working directory."""
+    path = Path(path)
+    root = os.environ.get("DVC_ROOT")
+    return (Path(root) / path if root and not path.is_absolute() else path).resolve()
+
+
 def resolve_tracking_uri(configured: str) -> str:
-    """$MLFLOW_TRACKING_URI, else params; a relative SQLite path is made absolute (workers may chdir)."""
+    """$MLFLOW_TRACKING_URI, else params; a relative SQLite path is made absolute (``repo_path``: workers may chdir,
+    and queued experiments run in temporary copies of the repository)."""
     uri = os.environ.get(TRACKING_URI_ENV) or configured
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+        uri = prefix + str(repo_path(uri[len(prefix):]))
     return uri
 
 
@@ -117,7 +128,7 @@ def experiment_artifact_location(tracking_uri: str, configured: str | Path) -> s
     """
     if tracking_uri.split(":", 1)[0] in ("http", "https", "databricks"):
         return None
-    return Path(configured).resolve().as_uri()
+    return repo_path(configured).as_uri()
 
 
 def _clean(params: Mapping[str, Any]) -> dict[str, str]:

@@ -134,15 +134,34 @@ def _ensure_registered_model(client: MlflowClient, name: str, tags: Mapping[str,
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, tags=dict(tags),
-                                       description="Best fine-tuned checkpoint per backbone (transferbench register)")
+        try:
+            client.create_registered_model(
+                name, tags=dict(tags), description="Best fine-tuned checkpoint per backbone (transferbench register)")
+        except MlflowException as exc:  # another register process created it first
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+
+def _versions_of(client: MlflowClient, name: str, result: FinetuneResult) -> list[ModelVersion]:
+    """The versions of ``name`` registered from ``result``'s run, oldest first."""
+    found = [v for v in client.search_model_versions(f"name = '{name}'")
+             if v.tags.get("backbone") == result.backbone and v.run_id == result.mlflow_run_id]
+    return sorted(found, key=lambda v: int(v.version))
 
 
 def _existing_version(client: MlflowClient, name: str, result: FinetuneResult) -> ModelVersion | None:
-    for version in client.search_model_versions(f"name = '{name}'"):
-        if version.tags.get("backbone") == result.backbone and version.run_id == result.mlflow_run_id:
-            return version
-    return None
+    found = _versions_of(client, name, result)
+    return found[0] if found else None
+
+
+def _keep_first(client: MlflowClient, name: str, result: FinetuneResult, created: ModelVersion) -> ModelVersion:
+    """The oldest version of ``result``'s run: two register processes on a server store (no shared lock) may both
+    have created one; the later deletes its own, so both point the aliases at the same version."""
+    first = _existing_version(client, name, result)
+    if first is None or first.version == created.version:
+        return created
+    client.delete_model_version(name, created.version)
+    return first
 
 
 def register_study(client: MlflowClient, results: Sequence[FinetuneResult], *, metrics: Metrics, study: str,
@@ -170,6 +189,7 @@ def register_study(client: MlflowClient, results: Sequence[FinetuneResult], *, m
                     name, source, run_id=result.mlflow_run_id, model_id=model_id, tags=tags,
                     description=f"{result.backbone} ({result.family}) on {result.task} ({result.mode}), "
                                 f"seed {result.seed}")
+                version = _keep_first(client, name, result, version)
             versions[result.backbone] = version
             rows.append({"registered_model": name, "version": str(version.version), "task": task,
                          "mode": result.mode,

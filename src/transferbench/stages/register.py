@@ -16,7 +16,7 @@ from typing import Any
 
 from transferbench.atomic import write_text
 from transferbench.config import Settings
-from transferbench.engine.tracking import resolve_tracking_uri
+from transferbench.engine.tracking import resolve_tracking_uri, store_lock
 from transferbench.evaluation.registry import register_study
 from transferbench.evaluation.study import registered_evaluations, study_results, task_metrics
 from transferbench.provenance import git_commit
@@ -32,7 +32,12 @@ def run(settings: Settings, *, summary: str | Path | None = None) -> list[dict[s
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     specs = registered_evaluations(settings)
-    rows = register_study(MlflowClient(tracking_uri=uri, registry_uri=uri), study_results(settings, specs),
-                          metrics=task_metrics(settings, specs), study=settings.study.name, git_commit=git_commit())
+    results = study_results(settings, specs)
+    # Two register processes on one SQLite store (`dvc queue start -j 2`) take turns: each finds the versions the
+    # other made. A server store has no shared lock file: there the registry keeps the first of any duplicate.
+    with store_lock(uri):
+        rows = register_study(MlflowClient(tracking_uri=uri, registry_uri=uri), results,
+                              metrics=task_metrics(settings, specs), study=settings.study.name,
+                              git_commit=git_commit())
     write_text(Path(summary or Path(settings.data.reports_dir) / "registry.json"), json.dumps(rows, indent=2) + "\n")
     return rows
