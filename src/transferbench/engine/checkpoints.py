@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 
+from transferbench.atomic import no_space
 from transferbench.engine.spec import STATE_FILE, checkpoint_name
+from transferbench.errors import TransferbenchError
 
 logger = logging.getLogger(__name__)
 _PREFIX = checkpoint_name(0)[:-4]  # "epoch_"
@@ -37,14 +39,14 @@ def load_state(directory: str | Path) -> dict[str, Any]:
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def latest_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
-    """The newest complete checkpoint's state in ``run_dir``, or None.
+def latest_checkpoint(run_dir: str | Path, *, newest: int | None = None) -> dict[str, Any] | None:
+    """The newest complete checkpoint's state in ``run_dir`` (of epoch ``newest`` or before, if given), or None.
 
-    Only ``state.pt`` counts. A ``state.pt`` that does not load (truncated by a full disk or a crash
-    of the machine) is skipped with a warning naming it, and the one before it is used.
+    Only ``state.pt`` counts. A ``state.pt`` that does not load (truncated or empty after a crash of the
+    machine, or cut short by a full disk) is skipped with a warning naming it, and the one before it is used.
     """
-    epochs = sorted(((e, d) for d in Path(run_dir).glob(_PREFIX + "*") if (e := epoch_of(d)) is not None),
-                    reverse=True)
+    epochs = sorted(((e, d) for d in Path(run_dir).glob(_PREFIX + "*")
+                     if (e := epoch_of(d)) is not None and (newest is None or e <= newest)), reverse=True)
     for _, directory in epochs:
         path = directory / STATE_FILE
         if not path.is_file():
@@ -91,7 +93,7 @@ def snapshot(state: Any) -> Any:
     return copy.deepcopy(state)
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(TransferbenchError, RuntimeError):
     """A checkpoint write failed in the background (a full disk, a lost mount): the run cannot go on."""
 
 
@@ -144,8 +146,15 @@ def _write_state(path: Path, state: Any, ready: torch.cuda.Event | None) -> Path
     try:
         if ready is not None:
             ready.synchronize()
-        torch.save(state, tmp)
+        # through a file object: a full disk is then an OSError (ENOSPC), not torch's opaque RuntimeError
+        with tmp.open("wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the rename: a crash then leaves no empty state.pt
         os.replace(tmp, path)
     except Exception as exc:
-        raise CheckpointWriteError(f"writing checkpoint {path} failed: {type(exc).__name__}: {exc}") from exc
+        tmp.unlink(missing_ok=True)  # the space a partial write took, back for the rerun
+        reason = ("no space left on device; free space on its file system and rerun" if no_space(exc)
+                  else f"{type(exc).__name__}: {exc}")
+        raise CheckpointWriteError(f"writing checkpoint {path} failed: {reason}") from exc
     return path

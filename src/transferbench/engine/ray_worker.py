@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
+from transferbench.atomic import write_text
 from transferbench.engine import loop
 from transferbench.engine.augment import batch_augment
-from transferbench.engine.checkpoints import (CheckpointWriteError, StateWriter, latest_checkpoint, load_state,
-                                              prune_checkpoints, snapshot)
+from transferbench.engine.checkpoints import (CheckpointWriteError, StateWriter, epoch_of, latest_checkpoint,
+                                              load_state, prune_checkpoints, snapshot)
 from transferbench.engine.curves import learning_curve_figure
 from transferbench.engine.data import CachedImages, eval_loader, train_loader
 from transferbench.engine.spec import FINAL_FILE, WORKER_ENV, WorkerSpec, checkpoint_name, per_worker_batch
@@ -248,9 +249,8 @@ def _run(spec: WorkerSpec) -> None:
     resume = None
     if settings.local_mode:  # local mode keeps no checkpoint state across processes: the run directory does
         resume = latest_checkpoint(spec.run_dir)
-    elif (checkpoint := ray.train.get_checkpoint()) is not None:
-        with checkpoint.as_directory() as directory:
-            resume = load_state(directory)
+    elif (checkpoint := ray.train.get_checkpoint()) is not None:  # Ray Train's, in the run directory; if torn,
+        resume = latest_checkpoint(spec.run_dir, newest=epoch_of(Path(checkpoint.path)))  # the one before it
 
     tracker: Tracker = (MlflowTracker(tracking_uri=spec.tracking_uri, run_id=spec.mlflow_run_id,
                                       system_metrics=spec.tracking.system_metrics) if rank == 0 else NullTracker())
@@ -305,9 +305,7 @@ def _finish(spec: WorkerSpec, session: loop.FitSession, model: torch.nn.Module, 
         final.update({f"{split}_{k}": v for k, v in values.items()})
     if rank == 0:
         _log_outcome(spec, final, outputs, task_model, tracker)
-        tmp = Path(spec.run_dir) / f"{FINAL_FILE}.tmp"
-        tmp.write_text(json.dumps(final, indent=2))
-        os.replace(tmp, Path(spec.run_dir) / FINAL_FILE)
+        write_text(Path(spec.run_dir) / FINAL_FILE, json.dumps(final, indent=2))
     selection = f"val_{kind.selection.name}"
     ray.train.report({selection: best_record[selection], "done": 1.0}, checkpoint=None)
 
