@@ -40,7 +40,7 @@ QUARANTINE_FILE = "quarantine.csv"
 SUMMARY_FILE = "summary.json"
 # Reasons that mean the input is bad (reported row by row), not merely filtered out by design.
 BAD_INPUT = {"duplicate_image", "unknown_label", "unknown_region", "missing_image", "empty_file",
-             "corrupt_image", "too_small", "bad_official_split"}
+             "decompression_bomb", "corrupt_image", "too_small", "bad_official_split"}
 LEADING_COLUMNS = ("filename", "label", "group", "region", "country", "location")
 DROPPED_COLUMNS = ("exclude", "exclude_detail")
 

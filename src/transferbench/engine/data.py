@@ -5,11 +5,12 @@ with columns ``filename`` (relative to the working directory, or absolute), ``gr
 the task kind turns into a target (``label`` for classification); ``summary.json`` beside them
 holds the task's label space (``classes`` for classification).
 
-Every image is decoded, converted to RGB (grayscale X-rays -> 3 channels) and resized ONCE into
-a uint8 tensor file per (task, split, side), with the task kind's targets, keyed by the
-manifest's content hash (which carries each image's md5), so epochs never reopen full-size
-images. Training augments those tensors in memory: random crop to ``img_size``, random rotation
-in [-d, d] degrees, horizontal flip. Evaluation takes the centre crop.
+Every image is decoded as the split's probe decoded it (``imaging.decode_rgb``: upright by its
+EXIF orientation, made RGB: grayscale X-rays -> 3 channels) and resized ONCE into a uint8 tensor file
+per (task, split, side), with the task kind's targets, keyed by the manifest's content hash (which
+carries each image's md5), so epochs never reopen full-size images. Training augments those tensors
+in memory: random crop to ``img_size``, random rotation in [-d, d] degrees, horizontal flip.
+Evaluation takes the centre crop.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from transferbench.errors import DataError
+from transferbench.imaging import decode_rgb
 from transferbench.paths import SPLITS
 
 if TYPE_CHECKING:
     from transferbench.engine.tasks import TaskKind
 
-CACHE_FORMAT = 2  # bump when the cached layout or resizing changes
+CACHE_FORMAT = 3  # bump when the cached layout, the decoding or the resizing changes (3: EXIF orientation)
 
 
 @dataclass(frozen=True)
@@ -78,13 +80,12 @@ def read_manifests(splits_dir: str | Path, task: str) -> TaskManifests:
 
 def load_rgb(source: str | Path | BinaryIO | Image.Image, side: int) -> torch.Tensor:
     """An image (a file, an open binary stream or a decoded image) as the cache holds it: uint8 (3, side, side),
-    16-bit and float images rescaled to 8 bit by their maximum, grayscale made RGB, then the centre square
-    resized to ``side``. The served model (``engine.serving``) reads its inputs through this too."""
-    with source if isinstance(source, Image.Image) else Image.open(source) as image:
-        if image.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit / float X-rays: rescale to 8 bit
-            image = image.point(lambda v: v * (255.0 / max(image.getextrema()[1], 1))).convert("L")
-        image = ImageOps.fit(image.convert("RGB"), (side, side), method=Image.Resampling.BICUBIC)
-        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    decoded as the split's probe decodes it (``imaging.decode_rgb``: EXIF orientation applied, 16-bit and
+    float images rescaled to 8 bit by their maximum, made RGB), then the centre square resized to ``side``.
+    The served model (``engine.serving``) reads its inputs through this too. A decompression bomb raises
+    ``Image.DecompressionBombError`` before it is decoded."""
+    image = ImageOps.fit(decode_rgb(source), (side, side), method=Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
 def build_cache(manifests: TaskManifests, split: str, *, kind: TaskKind, side: int, cache_dir: str | Path) -> Path:
@@ -102,7 +103,7 @@ def build_cache(manifests: TaskManifests, split: str, *, kind: TaskKind, side: i
     for row, filename in enumerate(frame["filename"]):
         try:
             images[row] = load_rgb(Path(filename), side)
-        except OSError as exc:
+        except (OSError, Image.DecompressionBombError) as exc:
             raise DataError(f"{manifests.paths[split]} row {row + 2}: cannot read image {filename}: {exc}") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
