@@ -21,6 +21,22 @@ def _write(tmp_path: Path, raw: dict) -> Path:
     return path
 
 
+def _edited(tmp_path: Path, **values: str) -> Path:
+    """The shipped params.yaml with ``section__key: <YAML text>`` set in place (comments and formatting kept), as
+    a user would edit it: PyYAML's dump would not show what YAML text the loader was given."""
+    text = SHIPPED.read_text()
+    for dotted, value in values.items():
+        section, key = dotted.split("__")
+        body = re.search(rf"^{section}:\n((?:[ #].*\n|\n)*)", text, re.M)
+        line = re.search(rf"^  {key}:[^#\n]*?(?=\s*(#.*)?$)", body.group(1), re.M)
+        assert line, f"{section}.{key} is not in the shipped params.yaml"
+        at = body.start(1) + line.start()
+        text = text[:at] + f"  {key}: {value}" + text[body.start(1) + line.end():]
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
 @pytest.fixture()
 def raw() -> dict:
     return yaml.safe_load(SHIPPED.read_text())
@@ -165,24 +181,6 @@ def test_ray_storage_path_must_be_a_mounted_path_not_a_uri(tmp_path: Path, raw: 
         load_settings(_write(tmp_path, raw))
 
 
-@pytest.mark.parametrize(("section", "key", "value", "message"), [
-    ("finetune", "max_epochs", True, "expected an integer, got True"),  # a bool is not an int
-    ("finetune", "batch_size", 16.0, "expected an integer, got 16.0"),
-    ("finetune", "lr", "1e-3", "expected a number, got '1e-3'"),  # YAML reads 1e-3 (no dot) as a string
-    ("finetune", "lr", None, "expected a number, got None"),
-    ("finetune", "hflip", 1, "expected true or false, got 1"),
-    ("ray", "num_workers", "2", "expected an integer, got '2'"),
-    ("tracking", "experiment", 7, "expected a string, got 7"),
-    ("study", "seeds", [0, "1"], "study.seeds[1]': expected an integer"),
-])
-def test_wrong_types_are_refused_naming_the_key(tmp_path: Path, raw: dict, section: str, key: str, value,
-                                                message: str) -> None:
-    raw[section][key] = value
-    with pytest.raises(ConfigError, match=re.escape(message)) as exc:
-        load_settings(_write(tmp_path, raw))
-    assert f"params key '{section}.{key}" in str(exc.value)
-
-
 def test_an_integer_is_a_valid_number_and_every_section_is_frozen_pydantic(tmp_path: Path, raw: dict) -> None:
     raw["finetune"]["lr"] = 1  # YAML's 1 for a float field
     settings = load_settings(_write(tmp_path, raw))
@@ -193,14 +191,91 @@ def test_an_integer_is_a_valid_number_and_every_section_is_frozen_pydantic(tmp_p
             assert section.model_config["frozen"] and section.model_config["extra"] == "forbid", name
 
 
-@pytest.mark.parametrize(("section", "key", "value", "message"), [
-    ("study", "seeds", [], "must list at least one entry"),
-    ("study", "tasks", [], "must list at least one entry"),
-    ("study", "backbones", [], "must list at least one entry"),
-    ("finetune", "max_epochs", 0, "out of range; allowed: >= 1"),
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("finetune.max_epochs", "true", "expected an integer >= 1, got true (a bool)"),
+    ("finetune.batch_size", "false", "expected an integer >= 1, got false (a bool)"),
+    ("finetune.batch_size", "16.0", "expected an integer >= 1, got 16.0"),
+    ("finetune.lr", '"1e-4"', "expected a number > 0, got '1e-4' (a string: a number is written without quotes)"),
+    ("finetune.lr", "true", "expected a number > 0, got true (a bool)"),
+    ("finetune.lr", "null", "expected a number > 0, got null"),
+    ("finetune.head_dropout", "[0.2]", "expected a number >= 0 and < 1, got [0.2] (a list)"),
+    ("finetune.hflip", "1", "expected true or false, got 1"),
+    ("ray.num_workers", '"2"', "expected an integer >= 0, got '2' (a string: a number is written without quotes)"),
+    ("tracking.experiment", "7", "expected a string, got 7"),
+    ("study.name", "null", "expected a string, got null"),
+    ("study.tasks", "null", "expected a list, got null"),
+    ("study.seeds", '[0, "1"]', "study.seeds[1]': expected an integer >= 0, got '1' (a string"),
 ])
-def test_empty_study_lists_and_zero_epochs_fail_at_load(tmp_path: Path, raw: dict, section: str, key: str, value,
-                                                        message: str) -> None:
-    raw[section][key] = value
-    with pytest.raises(ConfigError, match=rf"{section}\.{key}.*{re.escape(message)}"):
-        load_settings(_write(tmp_path, raw))
+def test_wrong_types_are_refused_naming_the_key(tmp_path: Path, key: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)) as exc:
+        load_settings(_edited(tmp_path, **{key.replace(".", "__"): value}))
+    assert str(exc.value).startswith(f"params key '{key}")
+
+
+def test_a_plain_exponent_is_a_number_as_dvc_reads_and_writes_it(tmp_path: Path) -> None:
+    # PyYAML alone reads 1e-4 (no dot, or an unsigned exponent) as a string; DVC's YAML 1.2 reads a number,
+    # and `dvc exp run -S finetune.warmup_lr=1e-6` writes 1e-06.
+    assert yaml.safe_load("lr: 1e-4") == {"lr": "1e-4"}
+    settings = load_settings(_edited(tmp_path, finetune__lr="1e-4", finetune__warmup_lr="1e-06",
+                                     finetune__weight_decay="1E+0"))
+    assert (settings.finetune.lr, settings.finetune.warmup_lr, settings.finetune.weight_decay) == (1e-4, 1e-6, 1.0)
+
+
+@pytest.mark.parametrize("key", ["finetune.max_epochs", "finetune.batch_size", "finetune.eval_batch_size",
+                                 "finetune.early_stop_patience", "sensitivity.max_epochs", "ray.checkpoints_to_keep"])
+def test_counts_below_one_fail_at_load(tmp_path: Path, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^params key '{re.escape(key)}': 0 is out of range; allowed: >= 1$"):
+        load_settings(_edited(tmp_path, **{key.replace(".", "__"): "0"}))
+
+
+@pytest.mark.parametrize("key", ["study.seeds", "study.backbones", "study.modes"])
+def test_empty_study_lists_fail_at_load(tmp_path: Path, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^params key '{re.escape(key)}': must list at least one entry$"):
+        load_settings(_edited(tmp_path, **{key.replace(".", "__"): "[]"}))
+
+
+def test_a_study_may_train_nothing_but_must_evaluate_something(tmp_path: Path) -> None:
+    # The shipped multi-task tasks combine trained tasks, so emptying study.tasks alone names them.
+    with pytest.raises(ConfigError, match=r"^params key 'tasks\.synthetic_seg_depth\.components': 'synthetic_seg' "
+                                          r"is not in study\.tasks"):
+        load_settings(_edited(tmp_path, study__tasks="[]"))
+    retrieval_only = load_settings(_edited(tmp_path, study__tasks="[]", study__multitask_tasks="[]"))
+    assert retrieval_only.study.tasks == () and retrieval_only.study.retrieval_tasks == ("synthetic_retrieval",)
+    with pytest.raises(ConfigError, match=r"^params key 'study\.tasks': the study evaluates nothing: list at least "
+                                          r"one task under study\.tasks \(trained\) or study\.retrieval_tasks"):
+        load_settings(_edited(tmp_path, study__tasks="[]", study__multitask_tasks="[]", study__retrieval_tasks="[]"))
+
+
+@pytest.mark.parametrize(("key", "value", "catalogue"), [
+    ("study.backbones", "[test_resnet, test_vit3]", "backbones"),
+    ("study.tasks", "[covid_geo, synthetic, synthetic_age, synthetic_b, synthetic_seg, synthetic_depth, flower102]",
+     "tasks"),
+    ("study.retrieval_tasks", "[oxford5]", "tasks"),
+    ("sensitivity.backbones", "[test_resnet, resnet19]", "backbones"),
+])
+def test_study_names_missing_from_the_catalogue_fail_at_load(tmp_path: Path, key: str, value: str,
+                                                             catalogue: str) -> None:
+    missing = value.strip("[]").split(", ")[-1]
+    with pytest.raises(ConfigError, match=rf"^params key '{re.escape(key)}': '{missing}' is not defined under "
+                                          rf"'{catalogue}'; allowed values: "):
+        load_settings(_edited(tmp_path, **{key.replace(".", "__"): value}))
+
+
+def test_every_shipped_task_reads_a_registered_dataset(tmp_path: Path) -> None:
+    from transferbench.data.registry import list_datasets
+
+    settings = load_settings(SHIPPED, datasets=list_datasets())
+    assert {t.dataset for t in settings.tasks.values()} - {None} <= set(list_datasets())
+    typo = tmp_path / "params.yaml"
+    typo.write_text(SHIPPED.read_text().replace("dataset: flowers102", "dataset: flower102", 1))
+    with pytest.raises(ConfigError, match=r"^params key 'tasks\.flowers102\.dataset': 'flower102' is not a registered "
+                                          r"dataset \(did you mean 'flowers102'\?\); allowed values: caltech101, "):
+        load_settings(typo, datasets=list_datasets())
+
+
+def test_a_task_without_a_dataset_fails_at_load(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(SHIPPED.read_text().replace("dataset: flowers102", "dataset: null", 1))
+    with pytest.raises(ConfigError, match=r"^params key 'tasks\.flowers102\.dataset': missing \(or null\); a task "
+                                          r"of kind 'classification' reads a dataset$"):
+        load_settings(path)

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
@@ -22,6 +23,12 @@ from transferbench.errors import TransferbenchError
 # name -> (one-line help, function that adds arguments, function that runs it)
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {}
+
+# Exit codes. A TransferbenchError (bad params, data or baseline: the message names the file and key)
+# exits EXIT_ERROR. For a gate, where 1 means drift, an unexpected exception (a bug) must not exit
+# Python's 1: it exits EXIT_INTERNAL_ERROR, its traceback on stderr. Other commands let it propagate.
+EXIT_DRIFT, EXIT_ERROR, EXIT_INTERNAL_ERROR = 1, 2, 3
+GATES = frozenset({"compare"})
 
 
 def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None):
@@ -34,13 +41,21 @@ def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser],
     return register
 
 
+def _load(params: str) -> Settings:
+    """params.yaml as every command reads it: a task's dataset is also checked against the dataset registry, so an
+    unknown one fails at load, naming its key."""
+    from transferbench.data.registry import list_datasets
+
+    return load_settings(params, datasets=list_datasets())
+
+
 def _check_params_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
 
 
 @command("check-params", "validate params.yaml and print the resolved settings", _check_params_arguments)
 def _check_params(args: argparse.Namespace) -> int:
-    settings = load_settings(args.params)
+    settings = _load(args.params)
     if not args.quiet:
         print(f"{args.params}: ok (study {settings.study.name!r}: "
               f"{len(settings.study.tasks)} trained tasks x {len(settings.study.backbones)} backbones, "
@@ -59,7 +74,7 @@ def _register_arguments(parser: argparse.ArgumentParser) -> None:
 def _register(args: argparse.Namespace) -> int:
     from transferbench.stages import register
 
-    for row in register.run(load_settings(args.params), summary=args.summary):
+    for row in register.run(_load(args.params), summary=args.summary):
         state = "new" if row["created"] else "unchanged"
         print(f"{row['registered_model']} v{row['version']} ({state}): {row['backbone']} seed {row['seed']}"
               + (f" @{', @'.join(row['aliases'])}" if row["aliases"] else ""))
@@ -71,6 +86,14 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drift gate: compare with this rank-table JSON (no FILE: params compare.baseline) "
                              "and exit 1 on drift or when a learning floor (compare.learning_floors) is not met")
     parser.add_argument("--drift-report", metavar="FILE", help="also write the drift Markdown here")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = f"""exit codes (docs/registry-and-drift-gate.md):
+  0  the rank table was written; with --baseline: no drift and every learning floor met
+  {EXIT_DRIFT}  drift: a rank, the family order, a metric beyond tolerance or the study's structure
+     (study, evaluation, backbone, metric or its direction) changed, or a learning floor is not met
+  {EXIT_ERROR}  error in the input: a missing or malformed baseline or params.yaml, missing metrics
+     (the message names the file and key at fault)
+  {EXIT_INTERNAL_ERROR}  internal error: a bug in transferbench, not drift (traceback on stderr)"""
 
 
 @command("compare", "rank backbones per task and family (reports/rank_table.*); optionally gate on drift",
@@ -78,7 +101,7 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
 def _compare(args: argparse.Namespace) -> int:
     from transferbench.stages import compare
 
-    settings = load_settings(args.params)
+    settings = _load(args.params)
     baseline = None if args.baseline is None else (args.baseline or settings.compare.baseline)
     result = compare.run(settings, baseline=baseline)
     if result.drift_report is None:
@@ -90,7 +113,7 @@ def _compare(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         Path(args.drift_report).write_text(result.drift_report)
-    return 1 if result.drift else 0
+    return EXIT_DRIFT if result.drift else 0
 
 
 def _task_argument(parser: argparse.ArgumentParser) -> None:
@@ -116,7 +139,7 @@ def _logging() -> None:
 def _fetch(args: argparse.Namespace) -> int:
     from transferbench.stages import fetch
 
-    for line in fetch.run(load_settings(args.params), args.datasets):
+    for line in fetch.run(_load(args.params), args.datasets):
         print(line)
     return 0
 
@@ -132,7 +155,7 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from transferbench.stages import generate_synthetic
 
-    print(generate_synthetic.run(load_settings(args.params), args.dataset))
+    print(generate_synthetic.run(_load(args.params), args.dataset))
     return 0
 
 
@@ -141,7 +164,7 @@ def _split(args: argparse.Namespace) -> int:
     from transferbench.stages import split
 
     _logging()
-    print(split.run(load_settings(args.params), args.task))
+    print(split.run(_load(args.params), args.task))
     return 0
 
 
@@ -150,7 +173,7 @@ def _validate(args: argparse.Namespace) -> int:
     from transferbench.stages import validate
 
     _logging()
-    print(validate.run(load_settings(args.params), args.task))
+    print(validate.run(_load(args.params), args.task))
     return 0
 
 
@@ -188,7 +211,7 @@ def _skipped(settings: Settings, args: argparse.Namespace) -> bool:
 @command("finetune", "train one backbone on one task, mode by mode and seed by seed (Ray Train, tracked in MLflow)",
          _finetune_arguments)
 def _finetune(args: argparse.Namespace) -> int:
-    settings = load_settings(args.params)
+    settings = _load(args.params)
     if _skipped(settings, args):
         return 0
     from transferbench.stages import finetune
@@ -206,7 +229,7 @@ def _finetune(args: argparse.Namespace) -> int:
 @command("finetune-multitask", "train one backbone on a multitask task's components at once (one head each), seed "
          "by seed", _finetune_arguments)
 def _finetune_multitask(args: argparse.Namespace) -> int:
-    settings = load_settings(args.params)
+    settings = _load(args.params)
     if _skipped(settings, args):
         return 0
     from transferbench.stages import finetune_multitask
@@ -232,7 +255,7 @@ def _retrieve_arguments(parser: argparse.ArgumentParser) -> None:
 def _retrieve(args: argparse.Namespace) -> int:
     from transferbench.stages import retrieve
 
-    settings = load_settings(args.params)
+    settings = _load(args.params)
     if settings.task(args.task).kind != "retrieval":
         raise TransferbenchError(f"retrieve --task {args.task}: a {settings.task(args.task).kind} task; "
                                  "retrieve runs tasks of kind retrieval (use finetune)")
@@ -258,7 +281,7 @@ def _sensitivity_arguments(parser: argparse.ArgumentParser) -> None:
 def _sensitivity(args: argparse.Namespace) -> int:
     from transferbench.stages import sensitivity
 
-    summary = sensitivity.run(load_settings(args.params), task=args.task, backbone=args.backbone,
+    summary = sensitivity.run(_load(args.params), task=args.task, backbone=args.backbone,
                               workers=args.workers, params_path=args.params, worker_only=args.worker_only)
     if summary is not None:
         imp = summary["importances"]
@@ -278,7 +301,7 @@ def _sensitivity_report_arguments(parser: argparse.ArgumentParser) -> None:
 def _sensitivity_report(args: argparse.Namespace) -> int:
     from transferbench.stages import sensitivity_report
 
-    report = sensitivity_report.run(load_settings(args.params), task=args.task, backbones=args.backbones)
+    report = sensitivity_report.run(_load(args.params), task=args.task, backbones=args.backbones)
     stability = report["summary"]["rank_stability"]
     print(f"{args.task}: family order under the fixed choice {(stability['reference'] or {}).get('family_order')}, "
           f"differs in {stability['flip_fraction']} of {stability['n_configs'] - 1} sampled configurations; "
@@ -336,7 +359,7 @@ def _with_ray(args: argparse.Namespace) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         raise TransferbenchError("with-ray: give the command to run after --, e.g. transferbench with-ray -- dvc repro")
-    settings = load_settings(args.params)
+    settings = _load(args.params)
     return run_with_cluster(cmd, params_address=settings.ray.address, log_dir=args.log_dir, cpus=args.cpus,
                             needs_cluster=not settings.ray.local_mode)
 
@@ -356,7 +379,7 @@ def _repro(args: argparse.Namespace) -> int:
     from transferbench.engine.cluster import configured_address
     from transferbench.runner import Runner, plan, stage_resources
 
-    settings = load_settings(args.params)
+    settings = _load(args.params)
     steps = plan(".", args.targets)
     print(f"transferbench repro: {len(steps.order)} stage(s) to run, {steps.up_to_date} up to date; "
           f"up to {args.jobs} at once", flush=True)
@@ -397,7 +420,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except TransferbenchError as exc:
         print(f"transferbench {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
+    except Exception:
+        if args.command not in GATES:
+            raise
+        traceback.print_exc()
+        print(f"transferbench {args.command}: internal error (a bug, not drift): exit {EXIT_INTERNAL_ERROR}",
+              file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -415,7 +445,8 @@ def entry() -> NoReturn:
     every DVC stage of the study is one such process. What an exit must still do is done first, in
     the interpreter's order: non-daemon threads are joined, the atexit handlers run (Ray's
     disconnect, MLflow's and logging's flushes), stdout and stderr are flushed. An exception from
-    ``main`` takes the normal way out, with its traceback.
+    ``main`` takes the normal way out, with its traceback (a gate's, ``compare``, is caught by ``main``:
+    exit ``EXIT_INTERNAL_ERROR``).
     """
     signal.signal(signal.SIGTERM, _interrupt)
     try:

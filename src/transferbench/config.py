@@ -3,21 +3,24 @@
 Every section of ``params.yaml`` is a frozen pydantic model (``extra="forbid"``) below, and each
 component is handed its own section (the loop gets ``FinetuneSettings``, the Ray driver
 ``RaySettings``, the tracker ``TrackingSettings``). Loading rejects unknown keys (with a "did you
-mean" hint), wrong types (strictly: ``true`` is not an integer, ``"1e-3"`` is not a number) and
-out-of-range values, naming the dotted key at fault and what is allowed.
+mean" hint), wrong types (strictly: ``true`` is not an integer, a quoted ``"1e-3"`` is not a number; a
+plain ``1e-3`` is, as in YAML 1.2) and out-of-range values, naming the dotted key at fault and what is allowed.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import annotated_types
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from transferbench.errors import TransferbenchError
@@ -63,7 +66,8 @@ class StudySettings(Section):
     """Which tasks x backbones x modes x seeds the study runs (PROTOCOL.md: 3 seeds, mean reported)."""
 
     name: Str
-    # Tasks whose backbones are trained (fine-tuned or linearly probed), one stage per task x backbone.
+    # Tasks whose backbones are trained (fine-tuned or linearly probed), one stage per task x backbone; empty
+    # only in a retrieval-only study.
     tasks: tuple[Str, ...]
     backbones: tuple[Str, ...]
     seeds: tuple[NonNegInt, ...] = (0, 1, 2)
@@ -77,9 +81,12 @@ class StudySettings(Section):
 
     @model_validator(mode="after")
     def _non_empty_and_unique(self) -> StudySettings:
+        if not self.tasks and not self.retrieval_tasks:  # a retrieval-only study (paper Table 8) trains nothing
+            raise invalid("tasks", "the study evaluates nothing: list at least one task under study.tasks (trained) "
+                                   "or study.retrieval_tasks (retrieval)")
         for key in ("tasks", "backbones", "seeds", "modes", "retrieval_tasks", "multitask_tasks"):
             items = getattr(self, key)
-            if not items and key not in ("retrieval_tasks", "multitask_tasks"):
+            if not items and key in ("backbones", "seeds", "modes"):
                 raise invalid(key, "must list at least one entry")
             if len(set(items)) != len(items):
                 raise invalid(key, f"entries must be unique, got {list(items)}")
@@ -342,7 +349,7 @@ class TaskSettings(Section):
     @model_validator(mode="after")
     def _split_seeds_modes(self) -> TaskSettings:
         if self.kind != "multitask" and self.dataset is None:
-            raise invalid("dataset", "missing required key")
+            raise invalid("dataset", f"missing (or null); a task of kind {self.kind!r} reads a dataset")
         if self.kind == "multitask" and self.dataset is not None:
             raise invalid("dataset", "a multitask task reads its components' datasets; remove this key")
         if self.kind not in ("retrieval", "multitask") and self.split is None:
@@ -397,8 +404,8 @@ class BackboneSettings(Section):
     @classmethod
     def _weights(cls, value: str) -> str:
         if value not in ("hub", "none") and not (value.startswith("file:") and len(value) > 5):
-            raise PydanticCustomError("transferbench", "{message}", {"message": f"{value!r} is not allowed; allowed "
-                                                                                 "values: 'hub', 'none', 'file:<path>'"})
+            message = f"{value!r} is not allowed; allowed values: 'hub', 'none', 'file:<path>'"
+            raise PydanticCustomError("transferbench", "{message}", {"message": message})
         return value
 
 
@@ -665,7 +672,14 @@ class Settings(Section):
     sensitivity: SensitivitySettings = SensitivitySettings()
 
     @model_validator(mode="after")
-    def _references(self) -> Settings:
+    def _references(self, info: ValidationInfo) -> Settings:
+        datasets = (info.context or {}).get("datasets")  # the data layer's registry, when the caller passes it
+        for name, task in self.tasks.items():
+            if datasets is not None and task.dataset is not None and task.dataset not in datasets:
+                close = difflib.get_close_matches(task.dataset, datasets, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise invalid(f"tasks.{name}.dataset", f"{task.dataset!r} is not a registered dataset{hint}; "
+                                                       f"allowed values: {', '.join(sorted(datasets))}")
         if "mode" in self.finetune.model_fields_set:
             raise invalid("finetune.mode", "the training mode is a study dimension: set study.modes (or a task's "
                                            "tasks.<task>.modes)")
@@ -815,6 +829,7 @@ _TYPE_TEXT = {"int_type": "expected an integer", "int_from_float": "expected an 
               "string_type": "expected a string", "dict_type": "expected a mapping", "model_type": "expected a mapping",
               "tuple_type": "expected a list", "list_type": "expected a list"}
 _BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_NUMBER = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")  # as YAML 1.2 writes a number
 
 
 def _base(annotation: Any) -> Any:
@@ -898,25 +913,73 @@ def _message(error: dict[str, Any]) -> str:
         allowed = " and ".join(f"{_BOUND_TEXT[n]} {bounds[n]}" for n in _BOUND_TEXT if n in bounds)
         return f"{where}: {value!r} is out of range; allowed: {allowed}"
     if kind in _TYPE_TEXT:
-        return f"{where}: {_TYPE_TEXT[kind]}, got {value!r}"
-    return f"{where}: {error['msg']} (got {value!r})"
+        expected = _TYPE_TEXT[kind]
+        if kind in ("int_type", "int_from_float", "float_type"):
+            bounds = _bounds(_field_at(loc)[1])
+            expected += "".join(f" {'and ' if i else ''}{_BOUND_TEXT[n]} {bounds[n]}"
+                                for i, n in enumerate(n for n in _BOUND_TEXT if n in bounds))
+        return f"{where}: {expected}, got {_shown(value)}{_type_note(value)}"
+    return f"{where}: {error['msg']} (got {_shown(value)})"
 
 
-def build(cls: type[Section], raw: Any) -> Any:
-    """Validate ``raw`` (a params mapping, or one section of it) into ``cls``; ``ConfigError`` names the key."""
+def _shown(value: Any) -> str:
+    """``value`` as it reads in YAML (true, null), not as Python prints it (True, None)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else repr(value)
+
+
+def _type_note(value: Any) -> str:
+    """What YAML made of a wrongly typed value: a bool looks like a number to many readers, a quoted number like
+    a number to all."""
+    if isinstance(value, bool):
+        return " (a bool)"
+    if isinstance(value, str):
+        return " (a string: a number is written without quotes)" if _NUMBER.fullmatch(value) else " (a string)"
+    if isinstance(value, (list, tuple)):
+        return " (a list)"
+    return " (a mapping)" if isinstance(value, dict) else ""
+
+
+def build(cls: type[Section], raw: Any, *, datasets: Collection[str] | None = None) -> Any:
+    """Validate ``raw`` (a params mapping, or one section of it) into ``cls``; ``ConfigError`` names the key.
+
+    ``datasets``: the registered dataset names (``transferbench.data.registry.list_datasets()``); given, every
+    task's dataset must be one of them. The caller passes them because the data layer sits above this module.
+    """
     try:
-        return cls.model_validate({} if raw is None else raw)
+        return cls.model_validate({} if raw is None else raw, context={"datasets": datasets})
     except ValidationError as exc:
         raise ConfigError("\n".join(_message(e) for e in exc.errors())) from None
 
 
-def load_settings(path: str | Path = DEFAULT_PARAMS) -> Settings:
-    """Load and validate ``params.yaml``; raise ``ConfigError`` naming the key at fault."""
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a plain ``1e-4`` is a number, as in YAML 1.2. PyYAML follows YAML 1.1, where a
+    float needs a dot and a signed exponent (``1.0e-4``), and reads ``1e-4`` as a string; but DVC (ruamel.yaml)
+    reads params.yaml as YAML 1.2, and ``dvc exp run -S finetune.warmup_lr=1e-6`` writes ``1e-06`` into it. A
+    quoted "1e-4" stays a string, which a number key refuses."""
+
+
+ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                   re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+                                   list("-+.0123456789"))
+
+
+def parse_params(text: str) -> Any:
+    """The raw mapping of a params file's text (``ParamsLoader``); ``yaml.YAMLError`` when it is not YAML."""
+    return yaml.load(text, Loader=ParamsLoader)
+
+
+def load_settings(path: str | Path = DEFAULT_PARAMS, *, datasets: Collection[str] | None = None) -> Settings:
+    """Load and validate ``params.yaml``; raise ``ConfigError`` naming the key at fault.
+
+    ``datasets``: the registered dataset names, to check every task's dataset against (see ``build``).
+    """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_params(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"params file not found: {path}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"params file {path} is not valid YAML: {exc}") from None
-    return build(Settings, raw)
+    return build(Settings, raw, datasets=datasets)

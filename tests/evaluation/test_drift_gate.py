@@ -1,16 +1,24 @@
-"""The drift gate: `transferbench compare --baseline` passes on an unchanged study and fails on rank moves."""
+"""The drift gate: `transferbench compare --baseline` passes on an unchanged study, fails (exit 1) on rank
+moves and structural changes, exits 2 on a bad baseline and 3 on a bug; the committed baseline fits its schema."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from transferbench.cli import main
-from transferbench.evaluation.drift import compare_rank_tables, has_drift
+from study_files import REPO_PARAMS
+from transferbench.cli import EXIT_DRIFT, EXIT_ERROR, EXIT_INTERNAL_ERROR, main
+from transferbench.config import load_settings
+from transferbench.evaluation import drift
+from transferbench.evaluation.drift import compare_rank_tables, drift_markdown, has_drift, load_rank_table
 from transferbench.evaluation.ranking import SCHEMA
+from transferbench.evaluation.study import evaluations, task_metrics
 
 SCORES = {
     "covid_geo": {"test_resnet": [0.60, 0.62, 0.61], "test_convnext": [0.50, 0.52, 0.51],
@@ -95,13 +103,15 @@ def test_family_order_change_is_drift(baseline):
     ('{"schema": "transferbench.rank_table/2", "study": "x"}', f"is not '{SCHEMA}'; regenerate"),
     ('{"schema": "something-else"}', "schema 'something-else' is not"),
 ])
-def test_missing_or_malformed_baseline_is_an_error_not_a_pass(baseline, tmp_path, capsys, content, message):
-    params, path = baseline
+def test_missing_or_malformed_baseline_is_an_error_not_a_pass(study, tmp_path, capsys, content, message):
+    params = study(SCORES)  # the baseline is read first: the study is not ranked
     bad = tmp_path / "bad.json"
     if content is not None:
         bad.write_text(content)
-    assert main(["--params", str(params), "compare", "--baseline", str(bad)]) == 2
-    assert message in capsys.readouterr().err
+    assert main(["--params", str(params), "compare", "--baseline", str(bad)]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert message in err and str(bad) in err
+    assert not (tmp_path / "reports").exists()
 
 
 def test_baseline_missing_a_key_names_it(baseline, tmp_path, capsys):
@@ -161,3 +171,165 @@ def test_a_learning_floor_on_an_undefined_task_fails_at_load(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="compare.learning_floors.synthetc"):
         load_settings(path)
+
+
+# --------------------------------------------------------------------------- the committed baseline
+SETTINGS = load_settings(REPO_PARAMS)
+COMMITTED = REPO_PARAMS.parent / SETTINGS.compare.baseline
+
+
+def test_committed_baseline_fits_the_schema_and_is_the_studys():
+    table = load_rank_table(COMMITTED)  # RankTableSchema: keys, types, metrics, directions, ranks within 1..n
+    assert table["study"] == SETTINGS.study.name
+    assert {b: e["family"] for b, e in table["backbones"].items()} == \
+        {b: SETTINGS.backbone(b).family for b in SETTINGS.study.backbones}
+    specs = evaluations(SETTINGS)
+    assert list(table["tasks"]) == list(specs)
+    for evaluation, metric in task_metrics(SETTINGS, specs).items():
+        t = table["tasks"][evaluation]
+        assert (t["metric"], t["higher_is_better"]) == (metric.name, metric.higher_is_better), evaluation
+        assert list(t["backbones"]) == list(specs[evaluation].backbones), evaluation
+
+
+def _set(path: str, value: Any) -> Callable[[dict], None]:
+    """An edit of a rank table: set (or, with value ``...``, delete) the dotted ``path``."""
+    *parents, last = path.split(".")
+
+    def edit(table: dict) -> None:
+        for key in parents:
+            table = table[key]
+        if value is ...:
+            del table[last]
+        else:
+            table[last] = value
+
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set("study", ...), "missing key 'study'"),
+    (_set("backbones.test_vit.family", ...), "missing key 'backbones.test_vit.family'"),
+    (_set("tasks.covid_geo.metric", ...), "missing key 'tasks.covid_geo.metric'"),
+    (_set("tasks.covid_geo.metric", ""), "key 'tasks.covid_geo.metric'"),
+    (_set("tasks.synthetic_age.higher_is_better", ...), "missing key 'tasks.synthetic_age.higher_is_better'"),
+    (_set("tasks.synthetic_age.higher_is_better", "no"),
+     "key 'tasks.synthetic_age.higher_is_better' has the wrong type (str)"),
+    (_set("tasks.covid_geo.backbones", {}), "key 'tasks.covid_geo.backbones' is empty"),
+    (_set("tasks.covid_geo.backbones.test_vit.mean", "0.5"),
+     "key 'tasks.covid_geo.backbones.test_vit.mean' has the wrong type (str)"),
+    (_set("tasks.covid_geo.backbones.test_vit.mean", float("nan")), "key 'tasks.covid_geo.backbones.test_vit.mean'"),
+    (_set("tasks.covid_geo.backbones.test_vit.rank", True),
+     "key 'tasks.covid_geo.backbones.test_vit.rank' has the wrong type (bool)"),
+    (_set("tasks.covid_geo.backbones.test_vit.rank", 0), "key 'tasks.covid_geo.backbones.test_vit.rank': 0 is not "
+                                                          "within 1..4"),
+    (_set("tasks.synthetic_b.backbones.test_vit.rank", 3), "key 'tasks.synthetic_b.backbones.test_vit.rank': 3 is not "
+                                                            "within 1..2"),
+    (_set("tasks.covid_geo.backbones.ghost", {"mean": 0.5, "rank": 1.0}),
+     "key 'tasks.covid_geo.backbones.ghost': is not listed under 'backbones'"),
+], ids=["no-study", "no-family", "no-metric", "empty-metric", "no-direction", "direction-not-bool", "no-backbones",
+        "mean-not-number", "mean-nan", "rank-bool", "rank-0", "rank-above-n", "unlisted-backbone"])
+def test_a_baseline_off_the_schema_is_refused_naming_file_and_key(tmp_path, edit, message):
+    table = json.loads(COMMITTED.read_text())
+    edit(table)
+    bad = tmp_path / "edited_baseline.json"
+    bad.write_text(json.dumps(table))
+    with pytest.raises(drift.DriftError) as error:
+        load_rank_table(bad)
+    assert str(error.value).startswith(f"{bad}: ") and message in str(error.value)
+
+
+def test_a_baseline_rank_out_of_range_exits_2(study, tmp_path, capsys):
+    table = json.loads(COMMITTED.read_text())
+    table["tasks"]["synthetic"]["backbones"]["test_vit"]["rank"] = 5.0
+    bad = tmp_path / "edited_baseline.json"
+    bad.write_text(json.dumps(table))
+    assert main(["--params", str(study(SCORES)), "compare", "--baseline", str(bad)]) == EXIT_ERROR
+    assert f"{bad}: key 'tasks.synthetic.backbones.test_vit.rank': 5 is not within 1..4" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- structural drift
+def _add_backbone(table: dict) -> None:
+    table["backbones"]["test_extra"] = {**table["backbones"]["test_vit"], "model": "test_extra"}
+    table["tasks"]["covid_geo"]["backbones"]["test_extra"] = {"mean": 0.1, "std": 0.0, "n_seeds": 3, "rank": 5.0}
+
+
+def _remove_backbone(table: dict) -> None:
+    del table["backbones"]["test_vit2"]
+    for t in table["tasks"].values():
+        t["backbones"].pop("test_vit2", None)
+
+
+def _add_evaluation(table: dict) -> None:
+    table["tasks"]["covid_geo:linear_probe"] = {**copy.deepcopy(table["tasks"]["covid_geo"]), "mode": "linear_probe"}
+
+
+@pytest.mark.parametrize("edit, rows", [
+    (_set("study", "renamed"),
+     ["| (study) | `study` | smoke-tiny-random-init | renamed | study renamed"]),
+    (_set("tasks.covid_geo", ...),
+     ["| covid_geo | `evaluation` | present | absent | evaluation removed from the study |"]),
+    (_add_evaluation,
+     ["| covid_geo:linear_probe | `evaluation` | absent | present | evaluation added to the study |"]),
+    (_remove_backbone,
+     ["| (study) | `test_vit2` | present | absent | backbone removed from the study |",
+      "| covid_geo | `test_vit2` | present | absent | backbone removed from this evaluation |"]),
+    (_add_backbone,
+     ["| (study) | `test_extra` | absent | present | backbone added to the study |",
+      "| covid_geo | `test_extra` | absent | present | backbone added to this evaluation |"]),
+    (_set("tasks.synthetic_b.backbones.test_convnext", {"mean": 0.5, "std": 0.0, "n_seeds": 3, "rank": 2.0}),
+     ["| synthetic_b | `test_convnext` | absent | present | backbone added to this evaluation |"]),
+    (_set("tasks.synthetic_b.metric", "balanced_accuracy"),
+     ["| synthetic_b | `metric` | accuracy | balanced_accuracy | ranking metric changed"]),
+    (_set("tasks.synthetic_age.higher_is_better", True),
+     ["| synthetic_age | `higher_is_better` | lower is better | higher is better | metric direction changed"]),
+    (_set("backbones.test_vit.family", "convnet"),
+     ["| (study) | `test_vit` | transformer | convnet | backbone's family changed |"]),
+], ids=["study-renamed", "evaluation-removed", "evaluation-added", "backbone-removed", "backbone-added",
+        "backbone-added-to-an-evaluation", "metric", "direction", "family"])
+def test_each_structural_change_is_drift_with_its_own_line(edit, rows):
+    baseline = load_rank_table(COMMITTED)
+    current = copy.deepcopy(baseline)
+    edit(current)
+    changes = compare_rank_tables(baseline, current, tolerance=0.05)
+    assert has_drift(changes)
+    report = drift_markdown(changes, baseline=str(COMMITTED), tolerance=0.05)
+    for row in rows:
+        assert f"| **yes** | structure {row}" in report, report
+    # and the same change seen from the other side, as the baseline, is drift too
+    assert has_drift(compare_rank_tables(current, baseline, tolerance=0.05))
+
+
+def test_a_different_study_exits_1_naming_each_structural_change(study, tmp_path, capsys):
+    params = study(SCORES, {"covid_geo": "balanced_accuracy", "synthetic": "accuracy"})
+    report_file = tmp_path / "summary.md"
+    assert main(["--params", str(params), "compare", "--baseline", str(COMMITTED),
+                 "--drift-report", str(report_file)]) == EXIT_DRIFT
+    out = capsys.readouterr().out
+    assert out == report_file.read_text()
+    assert "| **yes** | structure | (study) | `study` | smoke-tiny-random-init | unit-study |" in out
+    for evaluation in ("synthetic_age", "synthetic_b", "synthetic_seg_depth/synthetic_seg"):
+        assert f"| **yes** | structure | {evaluation} | `evaluation` | present | absent |" in out
+
+
+# --------------------------------------------------------------------------- exit codes
+def test_an_internal_error_exits_3_with_its_traceback_not_1(study, capsys, monkeypatch):
+    params = study(SCORES, {"covid_geo": "balanced_accuracy", "synthetic": "accuracy"})
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise KeyError("a bug in the gate")
+
+    monkeypatch.setattr(drift, "compare_rank_tables", broken)
+    assert main(["--params", str(params), "compare", "--baseline", str(COMMITTED)]) == EXIT_INTERNAL_ERROR == 3
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "KeyError: 'a bug in the gate'" in err
+    assert "internal error (a bug, not drift): exit 3" in err
+
+
+def test_compare_help_documents_the_exit_codes(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["compare", "--help"])
+    assert done.value.code == 0
+    epilog = capsys.readouterr().out.split("exit codes", 1)[1]
+    for code, meaning in ((0, "no drift"), (EXIT_DRIFT, "drift"), (EXIT_ERROR, "missing or malformed baseline"),
+                          (EXIT_INTERNAL_ERROR, "internal error")):
+        assert f"\n  {code}  " in epilog and meaning in epilog.split(f"\n  {code}  ", 1)[1].split("\n  ")[0]

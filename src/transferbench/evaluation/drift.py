@@ -6,7 +6,9 @@ Drift (the gate fails) is any of:
 - a task's mean metric moves by more than ``compare.metric_tolerance`` AND by more than the
   seeds' own spread (the larger of the two tables' std over seeds): a smaller move is reported
   but is noise at this number of seeds, unless it also changes a rank (then it is rank drift);
-- the study, a task, its metric or a backbone is added or removed;
+- the study's structure changes: the study is renamed, an evaluation or a backbone (of the study or
+  of an evaluation) is added or removed, a backbone changes family, an evaluation's metric or its
+  direction changes. Each is one explicit ``structure`` line of the report;
 - a learning floor is not met (``compare.learning_floors``): on a task with a floor, the best
   backbone of some family scores below it (above it, for a lower-is-better metric). Ranks can
   hold while every backbone sits at chance; the floor catches a study that stopped learning.
@@ -19,7 +21,8 @@ no trivial baseline recorded is not checked against ``trivial`` (the report says
 Ranks are always re-derived from the means (``ranking.rank_scores``) on both sides rather than
 trusted from the file, so a hand-edited baseline mean is judged by what it implies; the report
 says when a file's stored ranks disagree with its means. A missing or malformed baseline is an
-error (``DriftError``), never a pass.
+error (``DriftError``, naming the file and the key at fault), never a pass: ``RankTableSchema`` is
+what the gate reads of a rank table, checked before anything is compared.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from transferbench.errors import TransferbenchError
 from transferbench.evaluation.ranking import SCHEMA, family_order, rank_scores
@@ -54,42 +60,85 @@ class Change:
 
 
 # --------------------------------------------------------------------------- reading
-def _expect(obj: Any, key: str, kind: type | tuple[type, ...], where: str, source: str) -> Any:
-    if not isinstance(obj, Mapping) or key not in obj:
-        raise DriftError(f"{source}: not a rank table: missing key '{where}{key}'")
-    value = obj[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise DriftError(f"{source}: key '{where}{key}' has the wrong type ({type(value).__name__})")
-    return value
+class _Schema(BaseModel):
+    # Strict: JSON's true is not a number and "1" not a rank. Keys the gate does not read are ignored.
+    model_config = ConfigDict(strict=True, frozen=True, allow_inf_nan=False)
+
+
+class CellSchema(_Schema):
+    """One backbone on one evaluation: its mean over seeds, the std over seeds (none for n = 1), its rank."""
+
+    mean: float
+    std: float | None = None
+    rank: float
+
+
+class EvaluationSchema(_Schema):
+    """One evaluation (a rank-table column): its metric, the metric's direction and its ranked backbones."""
+
+    metric: str = Field(min_length=1)
+    higher_is_better: bool
+    backbones: dict[str, CellSchema] = Field(min_length=1)
+
+
+class BackboneSchema(_Schema):
+    family: str = Field(min_length=1)
+
+
+class RankTableSchema(_Schema):
+    """What the gate reads of a rank table (``ranking.rank_table``); the ``schema`` version is checked first.
+
+    Every evaluation ranks backbones listed under ``backbones``, each within 1..n (n: the backbones the
+    evaluation ran; ties share the average rank).
+    """
+
+    study: str = Field(min_length=1)
+    multi_task: dict[str, Any]
+    backbones: dict[str, BackboneSchema] = Field(min_length=1)
+    tasks: dict[str, EvaluationSchema] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _ranks_listed_backbones_within_1_to_n(self) -> RankTableSchema:
+        for task, t in self.tasks.items():
+            n = len(t.backbones)
+            for name, cell in t.backbones.items():
+                if name not in self.backbones:
+                    raise _invalid(f"tasks.{task}.backbones.{name}", "is not listed under 'backbones'")
+                if not 1 <= cell.rank <= n:
+                    raise _invalid(f"tasks.{task}.backbones.{name}.rank",
+                                   f"{cell.rank:g} is not within 1..{n} (the evaluation ranks {n} backbones)")
+        return self
+
+
+def _invalid(key: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError("rank_table", "{message}", {"key": key, "message": message})
+
+
+def _schema_error(error: Mapping[str, Any], source: str) -> DriftError:
+    key, kind, value = ".".join(str(part) for part in error["loc"]), error["type"], error.get("input")
+    if kind == "rank_table":
+        return DriftError(f"{source}: key '{error['ctx']['key']}': {error['ctx']['message']}")
+    if kind == "missing":
+        return DriftError(f"{source}: not a rank table: missing key '{key}'")
+    if kind == "too_short":
+        return DriftError(f"{source}: not a rank table: key '{key}' is empty")
+    if kind.endswith("_type"):
+        return DriftError(f"{source}: key '{key}' has the wrong type ({type(value).__name__})")
+    return DriftError(f"{source}: key '{key}': {error['msg']} (got {value!r})")
 
 
 def validate_rank_table(table: Any, source: str) -> dict[str, Any]:
-    """Check ``table`` has every key the gate reads; raise ``DriftError`` naming the first missing one."""
+    """Check ``table`` against ``RankTableSchema``; raise ``DriftError`` naming ``source`` and the key at fault."""
     if not isinstance(table, Mapping):
         raise DriftError(f"{source}: not a rank table: expected a JSON object, got {type(table).__name__}")
-    schema = _expect(table, "schema", str, "", source)
-    if schema != SCHEMA:
-        raise DriftError(f"{source}: rank table schema {schema!r} is not {SCHEMA!r}; regenerate it")
-    _expect(table, "study", str, "", source)
-    _expect(table, "multi_task", Mapping, "", source)
-    number = (int, float)
-    backbones = _expect(table, "backbones", Mapping, "", source)
-    for name, b in backbones.items():
-        _expect(b, "family", str, f"backbones.{name}.", source)
-    tasks = _expect(table, "tasks", Mapping, "", source)
-    if not tasks:
-        raise DriftError(f"{source}: not a rank table: 'tasks' is empty")
-    for task, t in tasks.items():
-        _expect(t, "metric", str, f"tasks.{task}.", source)
-        _expect(t, "higher_is_better", bool, f"tasks.{task}.", source)
-        cells = _expect(t, "backbones", Mapping, f"tasks.{task}.", source)
-        for name, cell in cells.items():
-            if name not in backbones:
-                raise DriftError(f"{source}: tasks.{task}.backbones.{name} is not listed under 'backbones'")
-            _expect(cell, "mean", number, f"tasks.{task}.backbones.{name}.", source)
-            _expect(cell, "rank", number, f"tasks.{task}.backbones.{name}.", source)
-            if cell.get("std") is not None:
-                _expect(cell, "std", number, f"tasks.{task}.backbones.{name}.", source)
+    if "schema" not in table:
+        raise DriftError(f"{source}: not a rank table: missing key 'schema'")
+    if table["schema"] != SCHEMA:  # an old table lacks keys: say so before naming one
+        raise DriftError(f"{source}: rank table schema {table['schema']!r} is not {SCHEMA!r}; regenerate it")
+    try:
+        RankTableSchema.model_validate(table)
+    except ValidationError as exc:
+        raise _schema_error(exc.errors()[0], source) from None
     return dict(table)
 
 
@@ -138,32 +187,63 @@ def _stale_rank_notes(table: Mapping[str, Any], ranks: Mapping[str, Mapping[str,
     return notes
 
 
+def _presence(old: Mapping[str, Any], name: str, what: str, where: str) -> tuple[str, str, str]:
+    """(before, after, why) for ``name``, a ``what`` in exactly one of ``old`` and the new table's ``where``."""
+    if name in old:
+        return "present", "absent", f"{what} removed from {where}"
+    return "absent", "present", f"{what} added to {where}"
+
+
+def _direction(evaluation: Mapping[str, Any]) -> str:
+    return "higher is better" if evaluation["higher_is_better"] else "lower is better"
+
+
+def _structure_changes(baseline: Mapping[str, Any], current: Mapping[str, Any]) -> list[Change]:
+    """One ``structure`` line (always drift) per change of what the study is, rather than of what it scored."""
+    changes: list[Change] = []
+
+    def structure(task: str, subject: str, before: str, after: str, why: str) -> None:
+        changes.append(Change("structure", task, subject, before, after, True, why))
+
+    if baseline["study"] != current["study"]:
+        structure("(study)", "study", baseline["study"], current["study"],
+                  "study renamed: a different study; regenerate the baseline if intended")
+    old_backbones, new_backbones = baseline["backbones"], current["backbones"]
+    for name in sorted(set(old_backbones) ^ set(new_backbones)):
+        structure("(study)", name, *_presence(old_backbones, name, "backbone", "the study"))
+    for name in sorted(set(old_backbones) & set(new_backbones)):
+        if old_backbones[name]["family"] != new_backbones[name]["family"]:
+            structure("(study)", name, old_backbones[name]["family"], new_backbones[name]["family"],
+                      "backbone's family changed")
+    old_tasks, new_tasks = baseline["tasks"], current["tasks"]
+    for task in sorted(set(old_tasks) | set(new_tasks)):
+        if task not in old_tasks or task not in new_tasks:
+            structure(task, "evaluation", *_presence(old_tasks, task, "evaluation", "the study"))
+            continue
+        old, new = old_tasks[task], new_tasks[task]
+        if old["metric"] != new["metric"]:
+            structure(task, "metric", old["metric"], new["metric"], "ranking metric changed; ranks not compared")
+        if old["higher_is_better"] != new["higher_is_better"]:
+            structure(task, "higher_is_better", _direction(old), _direction(new),
+                      "metric direction changed; ranks not compared")
+        for name in sorted(set(old["backbones"]) ^ set(new["backbones"])):
+            structure(task, name, *_presence(old["backbones"], name, "backbone", "this evaluation"))
+    return changes
+
+
 def compare_rank_tables(baseline: Mapping[str, Any], current: Mapping[str, Any], *,
                         tolerance: float) -> list[Change]:
     """Everything that moved between ``baseline`` and ``current``; ``Change.drift`` marks what fails the gate."""
-    changes: list[Change] = []
-    if baseline["study"] != current["study"]:
-        changes.append(Change("structure", "", "study", baseline["study"], current["study"], True,
-                              "a different study; regenerate the baseline if intended"))
+    changes = _structure_changes(baseline, current)
     old_ranks, new_ranks = derived_ranks(baseline), derived_ranks(current)
     changes += _stale_rank_notes(baseline, old_ranks, "baseline") + _stale_rank_notes(current, new_ranks, "new table")
 
-    for task in sorted(set(baseline["tasks"]) | set(current["tasks"])):
-        old, new = baseline["tasks"].get(task), current["tasks"].get(task)
-        if old is None or new is None:
-            changes.append(Change("structure", task, "task", "absent" if old is None else "present",
-                                  "absent" if new is None else "present", True, "task added or removed"))
-            continue
-        if old["metric"] != new["metric"]:
-            changes.append(Change("structure", task, "metric", old["metric"], new["metric"], True,
-                                  "ranking metric changed"))
-            continue
-        for name in sorted(set(old["backbones"]) | set(new["backbones"])):
-            a, b = old["backbones"].get(name), new["backbones"].get(name)
-            if a is None or b is None:
-                changes.append(Change("structure", task, name, "absent" if a is None else "present",
-                                      "absent" if b is None else "present", True, "backbone added or removed"))
-                continue
+    for task in sorted(set(baseline["tasks"]) & set(current["tasks"])):
+        old, new = baseline["tasks"][task], current["tasks"][task]
+        if old["metric"] != new["metric"] or old["higher_is_better"] != new["higher_is_better"]:
+            continue  # not comparable: _structure_changes said why
+        for name in sorted(set(old["backbones"]) & set(new["backbones"])):
+            a, b = old["backbones"][name], new["backbones"][name]
             rank_moved = abs(old_ranks[task][name] - new_ranks[task][name]) > _EPS
             if rank_moved:
                 changes.append(Change("rank", task, name, f"{old_ranks[task][name]:g}",

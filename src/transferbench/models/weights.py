@@ -24,7 +24,7 @@ import yaml
 from timm.models import load_state_dict
 
 from transferbench.atomic import atomic_path
-from transferbench.config import BackboneSettings, ConfigError, Settings, build, load_settings
+from transferbench.config import BackboneSettings, ConfigError, Settings, build, load_settings, parse_params
 from transferbench.errors import TransferbenchError
 from transferbench.models.backbones import create_backbone, effective_img_size
 
@@ -181,7 +181,7 @@ def _item(mapping: yaml.Node, key: str, where: str) -> tuple[yaml.Node | None, y
 def _validated(text: str, params: Path, backbone: str, weights: str) -> str:
     """``text`` if it is a valid params file whose ``backbone`` now has ``weights``."""
     try:
-        settings = build(Settings, yaml.safe_load(text))
+        settings = build(Settings, parse_params(text))
     except ConfigError as exc:
         raise ConfigError(f"{params} with backbones.{backbone}.weights: {weights} would be invalid: {exc}") from exc
     if settings.backbone(backbone).weights != weights:
