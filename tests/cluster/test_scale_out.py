@@ -135,6 +135,7 @@ def _smoke_repo(root: Path, env: dict) -> Path:
     stages["stages"] = {k: v for k, v in stages["stages"].items() if k in keep}
     (root / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
     (root / "src").symlink_to(REPO / "src")
+    (root / "models").symlink_to(REPO / "models")  # a dep of the fine-tune stages (local backbone weights)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     # full fine-tuning only, no retrieval task (its stage is not kept here): the server, not the study, is tested
     params["study"].update(tasks=["synthetic"], backbones=["test_resnet", "test_vit"], seeds=[0], retrieval_tasks=[],
