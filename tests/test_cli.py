@@ -66,6 +66,9 @@ def late():
     with marks.open("a") as f:
         f.write("thread\\n")
 threading.Thread(target=late).start()
+# an idle thread-pool worker never shut down (MLflow's artifact downloads leave one): threading's exit hook stops it
+import concurrent.futures
+concurrent.futures.ThreadPoolExecutor(max_workers=1).submit(lambda: None).result()
 atexit.register(lambda: marks.open("a").write("atexit\\n"))
 sys.stdout.write("stage output\\n")  # piped stdout is block-buffered: lost unless flushed
 sys.argv = ["transferbench", "--params", {str(tmp_path / "missing.yaml")!r}, "check-params"]

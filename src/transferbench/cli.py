@@ -455,9 +455,9 @@ def entry() -> NoReturn:
         received = signal.Signals.__members__.get(str(stop), signal.SIGINT)
         print(f"transferbench: interrupted ({received.name})", file=sys.stderr)
         code = 128 + received.value
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # threading's own exit hooks first (they tell idle thread-pool workers, e.g. MLflow's artifact downloads, to
+    # stop), then the join of every non-daemon thread: what Py_Finalize does, in its order; joining alone hangs
+    threading._shutdown()  # noqa: SLF001 -- no public equivalent
     atexit._run_exitfuncs()  # noqa: SLF001 -- the handlers Py_Finalize would run; no public equivalent
     sys.stdout.flush()
     sys.stderr.flush()
