@@ -116,6 +116,22 @@ def _compare(args: argparse.Namespace) -> int:
     return EXIT_DRIFT if result.drift else 0
 
 
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mlflow-url", metavar="URL",
+                        help="where the report's run links point (default: params report.mlflow_url, the local "
+                             "`mlflow ui` address)")
+
+
+@command("report", "the study report reports/index.html and its answer with uncertainty (reports/answer.json)",
+         _report_arguments)
+def _report(args: argparse.Namespace) -> int:
+    from transferbench.stages import report
+
+    result = report.run(_load(args.params), mlflow_url=args.mlflow_url)
+    print(f"report: {result.html} (+ {result.answer.name}; logged to MLflow run {result.parent_run_id})")
+    return 0
+
+
 def _task_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task", help="a task defined under 'tasks' in params.yaml")
 
@@ -311,6 +327,38 @@ def _sensitivity_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboard_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
+
+
+@command("dashboard", "browse the sensitivity studies (params sensitivity.storage, $OPTUNA_STORAGE overrides) "
+         "in optuna-dashboard; Ctrl-C stops it", _dashboard_arguments)
+def _dashboard(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import optuna
+    import optuna_dashboard
+
+    from transferbench.tuning.storage import redact, resolve_storage_url
+
+    settings = _load(args.params)
+    url = resolve_storage_url(settings.sensitivity.storage)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        raise TransferbenchError(f"{url[len('sqlite:///'):]}: no Optuna storage there yet (sensitivity.storage in "
+                                 f"{args.params}, or $OPTUNA_STORAGE); run `transferbench sensitivity` first")
+    # reads only: no heartbeats, no BEGIN IMMEDIATE (tuning.storage.open_storage), so it never holds up a worker
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine)
+    print(f"optuna-dashboard on http://{args.host}:{args.port}/dashboard/ (storage {redact(url)}); "
+          "Ctrl-C stops it", flush=True)
+    try:
+        optuna_dashboard.run_server(storage, host=args.host, port=args.port)
+    except OSError as exc:  # e.g. the port is taken
+        raise TransferbenchError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
+    return 0
+
+
 def _weights_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="weights_action", required=True, metavar="<action>")
     add = actions.add_parser("add", help="import a downloaded timm checkpoint as a backbone's weights (offline)",
@@ -416,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not sys.stderr.isatty():  # MLflow's own download/upload bars too stay out of CI and `dvc repro` logs
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return args.run(args)
     except TransferbenchError as exc:

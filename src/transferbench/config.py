@@ -572,6 +572,18 @@ class CompareSettings(Section):
     learning_floors: dict[Str, Float | Literal["trivial"]] = {}
 
 
+class ReportSettings(Section):
+    """The study report (``reports/index.html``) and its answer with uncertainty (PROTOCOL.md, issue #23)."""
+
+    # Where the report's links to runs point: the local `mlflow ui` default; `transferbench report --mlflow-url`
+    # overrides it for one run (a shared tracking server's address, say).
+    mlflow_url: Str = "http://127.0.0.1:5000"
+    # Paired bootstrap of best ConvNet vs best Transformer per evaluation (resampling test images).
+    bootstrap_resamples: Annotated[int, Strict(), Field(ge=100)] = 2000
+    bootstrap_seed: NonNegInt = 0
+    confidence: Annotated[float, Strict(), Field(gt=0, lt=1)] = 0.95
+
+
 # --------------------------------------------------------------------------- tuning
 class FloatRange(Section):
     """A search range; ``log`` samples log-uniformly (both bounds must then be > 0)."""
@@ -669,6 +681,7 @@ class Settings(Section):
     ray: RaySettings = RaySettings()
     tracking: TrackingSettings = TrackingSettings()
     compare: CompareSettings = CompareSettings()
+    report: ReportSettings = ReportSettings()
     sensitivity: SensitivitySettings = SensitivitySettings()
 
     @model_validator(mode="after")

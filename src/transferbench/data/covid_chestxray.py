@@ -23,6 +23,7 @@ from transferbench.data.fetch import RemoteFile, extract, file_digest, obtain
 from transferbench.data.registry import register_dataset
 from transferbench.data.tables import read_csv_strict
 from transferbench.errors import DataError
+from transferbench.progress import progress
 
 COMMIT = "584034aa7fbf06496741f11008d72fd791c8e443"
 ARCHIVE = RemoteFile(f"https://github.com/ieee8023/covid-chestxray-dataset/archive/{COMMIT}.zip",
@@ -52,7 +53,8 @@ def _verified(root: Path) -> bool:
         return False
     sums = _read_sums(sums_file)
     return sums.get("metadata.csv") == METADATA_SHA256 and all(
-        (root / name).is_file() and file_digest(root / name) == digest for name, digest in sums.items())
+        (root / name).is_file() and file_digest(root / name) == digest
+        for name, digest in progress(sums.items(), desc=f"checksums {root.name}", total=len(sums), unit="file"))
 
 
 @register_dataset("covid-chestxray")
@@ -75,7 +77,7 @@ class CovidChestXray:
         if sums.get("metadata.csv") != METADATA_SHA256:
             raise DataError(f"{source / SUMS}: metadata.csv is not the pinned upstream version "
                             f"(commit {COMMIT}, sha256 {METADATA_SHA256})")
-        for name, digest in sums.items():
+        for name, digest in progress(sums.items(), desc=f"copy + checksum {source}", total=len(sums), unit="file"):
             target = dest / name
             if target.is_file() and file_digest(target) == digest:
                 continue

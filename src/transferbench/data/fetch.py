@@ -9,17 +9,20 @@ a failed download is a ``DataError`` that says how to provide a mirror.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import tarfile
 import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from transferbench import atomic
 from transferbench.errors import DataError
 from transferbench.paths import MIRROR_ENV
+from transferbench.progress import progress
+
+BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -31,11 +34,14 @@ class RemoteFile:
     checksum: str | None
 
 
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
+def file_digest(path: Path, algorithm: str = "sha256", *, desc: str | None = None) -> str:
+    """The hex digest of ``path``; with ``desc``, a progress bar in bytes (in a terminal)."""
     digest = hashlib.new(algorithm)
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
+    with path.open("rb") as handle, progress(desc=desc or "", total=path.stat().st_size, bytes=True,
+                                             disable=desc is None) as bar:
+        for block in iter(lambda: handle.read(BLOCK), b""):
             digest.update(block)
+            bar.update(len(block))
     return digest.hexdigest()
 
 
@@ -44,7 +50,7 @@ def verify_checksum(path: Path, checksum: str | None) -> None:
     if checksum is None:
         return
     algorithm, _, expected = checksum.partition(":")
-    actual = file_digest(path, algorithm)
+    actual = file_digest(path, algorithm, desc=f"checksum {path.name}")
     if actual != expected:
         raise DataError(f"checksum mismatch for {path}: expected {algorithm} {expected}, got {actual}; "
                         f"the file is corrupt or not the pinned version (delete it and fetch again)")
@@ -54,6 +60,15 @@ def mirror_hint(dataset: str, files: list[str]) -> str:
     return (f"no internet? provide an offline mirror: put {', '.join(files)} under "
             f"${MIRROR_ENV}/{dataset}/ (the upstream files, unchanged), set {MIRROR_ENV} to that "
             f"mirror's root and rerun `transferbench fetch`")
+
+
+def _copy_stream(response: BinaryIO, handle: BinaryIO, *, desc: str) -> None:
+    """``shutil.copyfileobj`` with a progress bar in bytes (size from Content-Length, when given)."""
+    length = getattr(response, "headers", {}).get("Content-Length")
+    with progress(desc=desc, total=int(length) if length and length.isdigit() else None, bytes=True) as bar:
+        for block in iter(lambda: response.read(BLOCK), b""):
+            handle.write(block)
+            bar.update(len(block))
 
 
 def obtain(remote: RemoteFile, dest_dir: Path, *, dataset: str, mirror: Path | None) -> Path:
@@ -76,7 +91,7 @@ def obtain(remote: RemoteFile, dest_dir: Path, *, dataset: str, mirror: Path | N
         try:
             with atomic.atomic_path(target) as tmp, urllib.request.urlopen(remote.url, timeout=60) as response, \
                     tmp.open("wb") as handle:
-                shutil.copyfileobj(response, handle)
+                _copy_stream(response, handle, desc=f"download {remote.filename}")
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise DataError(f"{dataset}: {remote.filename} is {where}could not be downloaded from {remote.url} "
                             f"({exc}); {mirror_hint(dataset, [remote.filename])}") from None

@@ -34,6 +34,7 @@ from torchvision.transforms import v2
 from transferbench.errors import DataError
 from transferbench.imaging import decode_rgb
 from transferbench.paths import SPLITS
+from transferbench.progress import progress
 
 if TYPE_CHECKING:
     from transferbench.engine.tasks import TaskKind
@@ -100,7 +101,8 @@ def build_cache(manifests: TaskManifests, split: str, *, kind: TaskKind, side: i
     # a bad row fails here, before any image decoding; dense maps are resized as their images are
     targets = kind.targets(frame, manifests.paths[split], side=side)
     images = torch.empty((len(frame), 3, side, side), dtype=torch.uint8)
-    for row, filename in enumerate(frame["filename"]):
+    bar = progress(frame["filename"], desc=f"cache {manifests.task}/{split} {side}px", total=len(frame), unit="img")
+    for row, filename in enumerate(bar):
         try:
             images[row] = load_rgb(Path(filename), side)
         except (OSError, Image.DecompressionBombError) as exc:

@@ -44,6 +44,7 @@ from torch import nn
 from transferbench.config import FinetuneSettings
 from transferbench.engine.augment import BatchAugment
 from transferbench.engine.tasks import TaskKind
+from transferbench.progress import progress
 
 Gather = Callable[[Any], list[Any]]
 
@@ -141,6 +142,14 @@ def _select(tree: Any, order: np.ndarray) -> Any:
     return tree_map(lambda a: a[order], tree)
 
 
+def _length(loader: Iterable) -> int | None:
+    """The number of batches of ``loader``, if it knows it."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -235,6 +244,8 @@ def fit(model: nn.Module, *, kind: TaskKind, train_loader: Iterable, val_loader:
     if state.step == 0 and plateau:  # the poly schedule sets the lr of every step itself
         _set_lr(optimizer, protocol.warmup_lr if in_warmup(protocol, 0) else protocol.lr)
     loss_fn = kind.loss(protocol)
+    # bars in a terminal only (progress.enabled), and on rank 0 only: one bar per run, not one per rank
+    epochs = progress(desc="epochs", total=protocol.epochs, initial=state.epoch, unit="epoch", disable=rank != 0)
 
     while not state.finished:
         epoch = state.epoch + 1
@@ -252,7 +263,9 @@ def fit(model: nn.Module, *, kind: TaskKind, train_loader: Iterable, val_loader:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         statistic = torch.zeros((), dtype=torch.float64, device=device)
         seen = 0
-        for images, targets, _ in train_loader:
+        steps = progress(train_loader, desc=f"epoch {epoch}", total=_length(train_loader), unit="step",
+                         disable=rank != 0)
+        for images, targets, _ in steps:
             if plateau and protocol.mode == "full" and state.step == protocol.warmup_iters and protocol.warmup_iters:
                 task_model.freeze_backbone(False)  # warm-up is over: the whole network, from lr
                 _set_lr(optimizer, protocol.lr)
@@ -303,6 +316,8 @@ def fit(model: nn.Module, *, kind: TaskKind, train_loader: Iterable, val_loader:
         record = {k: v.item() if isinstance(v, np.generic) else v for k, v in record.items()}
         state.history.append(record)
         state.epoch = epoch
+        epochs.set_postfix_str(f"val_{selection.name} {score:.4g}", refresh=False)
+        epochs.update(1)
         if plateau and state.bad_epochs >= protocol.early_stop_patience:
             state.finished, state.stop_reason = True, "early_stop"
         elif epoch >= protocol.epochs:
@@ -312,6 +327,7 @@ def fit(model: nn.Module, *, kind: TaskKind, train_loader: Iterable, val_loader:
             stop = bool(hook(record, session)) or stop
         if stop and not state.finished:
             state.finished, state.stop_reason = True, "hook"
+    epochs.close()
     return session
 
 

@@ -18,6 +18,7 @@ import torch
 
 # The ground truth's record lives with the adapter that parses it (data may not import evaluation).
 from transferbench.data.oxford5k import Query
+from transferbench.progress import progress
 
 __all__ = ["Query", "extract_features", "figures", "mean_average_precision", "oxford_average_precision",
            "mean_precision_recall", "precision_recall", "random_ranking_map", "rank_database"]
@@ -145,7 +146,7 @@ def extract_features(model: torch.nn.Module, images: Sequence[Path], *,
     model.eval()
     chunks = []
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), progress(desc="features", total=len(images), unit="img") as bar:
             for start in range(0, len(images), batch_size):
                 batch = torch.stack([
                     _load(Path(path), boxes[start + i] if boxes is not None else None, img_size=img_size,
@@ -153,6 +154,7 @@ def extract_features(model: torch.nn.Module, images: Sequence[Path], *,
                     for i, path in enumerate(images[start:start + batch_size])])
                 features = model(batch.to(device)).float()
                 chunks.append(torch.nn.functional.normalize(features, dim=1).cpu().numpy())
+                bar.update(len(batch))
     finally:
         model.train(was_training)
     if not chunks:

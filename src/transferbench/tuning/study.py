@@ -70,6 +70,7 @@ from transferbench.engine.inputs import prepare_inputs
 from transferbench.engine.tasks import task_metric
 from transferbench.engine.tracking import RunRegistry
 from transferbench.errors import TransferbenchError
+from transferbench.progress import PROGRESS_ENV, progress
 from transferbench.models import build_model
 from transferbench.tuning.storage import STORAGE_ENV, open_storage, redact, resolve_storage_url
 
@@ -410,8 +411,15 @@ def work(settings: Settings, handle: StudyHandle, *, task: str, backbone: str) -
     if finished_count(study) >= n_trials:
         return
     objective = SensitivityObjective(settings, handle, task=task, backbone=backbone)
-    study.optimize(objective, catch=(StudyFull,),
-                   callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)])
+    with progress(desc=f"trials {task}/{backbone}", total=n_trials, initial=finished_count(study),
+                  unit="trial") as bar:
+
+        def advance(study: optuna.Study, trial: FrozenTrial) -> None:
+            bar.n = finished_count(study)  # every worker's finished trials, not only this one's
+            bar.refresh()
+
+        study.optimize(objective, catch=(StudyFull,),
+                       callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED), advance])
 
 
 def _work_on_ray_node(params_path: str, cwd: str, handle: StudyHandle, task: str, backbone: str,
@@ -468,7 +476,8 @@ def run_workers(settings: Settings, handle: StudyHandle, *, task: str, backbone:
                            address=address)
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    # one terminal, several workers: their bars would overwrite one another's line
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), PROGRESS_ENV: "0"}
     command = [sys.executable, "-m", "transferbench.cli", "--params", str(params_path), "sensitivity",
                "--task", task, "--backbone", backbone, "--worker-only"]
     children = [subprocess.Popen(command, env=env) for _ in range(workers)]
