@@ -11,7 +11,14 @@ import torch
 from transferbench.errors import DataError
 from transferbench.engine.data import CachedImages, build_cache, eval_loader, read_manifests, train_loader
 from transferbench.engine.tasks import kind_for_task
-from transferbench.engine.tracking import MlflowTracker, RunRegistry
+from transferbench.engine.tracking import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    NOTE_TAG,
+    STUDY_DESCRIPTION,
+    MlflowTracker,
+    RunRegistry,
+)
 
 
 def _kind(manifests):
@@ -39,6 +46,61 @@ def test_tracker_nests_under_an_active_run_and_leaves_it_active(tmp_path):
     assert child.data.metrics["val_loss"] == 0.5 and child.info.status == "FINISHED"
     assert child.data.tags["mlflow.parentRunId"] == registry.study_run("s")
     assert client.get_run(outer.info.run_id).data.metrics == {"outer_metric": 1.0}
+
+
+def test_the_experiment_is_a_finetuning_experiment_new_or_old(tmp_path):
+    """mlflow.experimentKind makes the MLflow UI open the training runs, not the GenAI traces overview."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    registry = RunRegistry(tracking_uri=uri, experiment="fresh", artifact_location=tmp_path / "art")
+    client = mlflow.MlflowClient(uri)
+    assert client.get_experiment(registry.experiment_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "finetuning"
+    old = client.create_experiment("old", artifact_location=(tmp_path / "art").as_uri())  # a store made before the tag
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    assert RunRegistry(tracking_uri=uri, experiment="old", artifact_location=tmp_path / "art").experiment_id == old
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "finetuning"
+    client.set_experiment_tag(old, EXPERIMENT_KIND_TAG, "custom_model_development")  # a kind someone chose stays
+    RunRegistry(tracking_uri=uri, experiment="old", artifact_location=tmp_path / "art")
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_runs_carry_readable_descriptions(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    registry = RunRegistry(tracking_uri=uri, experiment="transferbench", artifact_location=tmp_path / "art")
+    client = mlflow.MlflowClient(uri)
+    tags = {"task": "covid_geo", "backbone": "test_resnet", "family": "resnet", "weights": "random",
+            "weights_label": "random-init", "random_init": "true", "seed": 0, "mode": "full"}
+    child, _ = registry.child_run(study="s", run_key="k", run_name="covid_geo/test_resnet/full/seed0", tags=tags)
+    parent = registry.study_run("s")
+    assert client.get_run(parent).data.tags[NOTE_TAG] == STUDY_DESCRIPTION
+    note = client.get_run(child).data.tags[NOTE_TAG]
+    for part in ("covid_geo", "test_resnet", "resnet", "random-init", "mode full", "seed 0"):
+        assert part in note, (part, note)
+    pretrained = {**tags, "weights": "hub:resnet18", "weights_label": "hub-pretrained", "random_init": "false"}
+    other, _ = registry.child_run(study="s", run_key="k2", run_name="n", tags=pretrained)
+    assert "weights hub-pretrained" in client.get_run(other).data.tags[NOTE_TAG]
+
+    registry.describe(parent, "| backbone | rank |\n|---|---|\n| test_resnet | 1 |")
+    assert client.get_run(parent).data.tags[NOTE_TAG].startswith("| backbone | rank |")
+    assert registry.study_run("s") == parent and "| test_resnet | 1 |" in client.get_run(parent).data.tags[NOTE_TAG]
+    registry.describe(parent, "x" * 9000)  # MLflow keeps 8000 characters of a tag
+    long = client.get_run(parent).data.tags[NOTE_TAG]
+    assert len(long) == 8000 and long.endswith("truncated: MLflow keeps 8000 characters)*")
+
+    trial = registry.keyed_run(study="s", kind="sensitivity-trial", run_key="t0", run_name="trial0", parent=parent,
+                               tags={"task": "covid_geo", "backbone": "test_resnet", "optuna.trial": 0,
+                                     "label": "fixed"})
+    assert client.get_run(trial).data.tags[NOTE_TAG] == (
+        "Sensitivity trial: task **covid_geo**, backbone **test_resnet**, Optuna trial 0 (fixed).")
+
+
+def test_a_parent_run_made_before_descriptions_gets_the_default_one(tmp_path):
+    from transferbench.engine.tracking import KIND_TAG, STUDY_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    registry = RunRegistry(tracking_uri=uri, experiment="transferbench", artifact_location=tmp_path / "art")
+    old = registry.client.create_run(registry.experiment_id, run_name="s", tags={STUDY_TAG: "s", KIND_TAG: "study"})
+    assert registry.study_run("s") == old.info.run_id
+    assert registry.client.get_run(old.info.run_id).data.tags[NOTE_TAG] == STUDY_DESCRIPTION
 
 
 def test_images_are_decoded_once_into_a_cache_keyed_by_the_manifest(toy_splits):

@@ -12,6 +12,12 @@ global "active run" state); the rank-0 worker attaches to the child run with
 ``mlflow.start_run(run_id=..., nested=<an outer run is active>)``: under Optuna or any
 caller that already has an active run, the child is pushed on top of it and popped on
 close, never ending the caller's run.
+
+The experiment carries ``mlflow.experimentKind`` = ``finetuning``, MLflow's own record of what kind of
+experiment it is (MLflow UIs that read it open such an experiment on its training runs). MLflow 3.17's UI
+opens an experiment by its "GenAI"/"Model training" workflow selector instead, GenAI by default: links to
+the UI come from ``experiment_ui_url``, which names the training workflow. Every run the registry creates
+gets a Markdown description (``mlflow.note.content``, the run's description in the UI).
 """
 
 from __future__ import annotations
@@ -28,6 +34,15 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 STUDY_TAG = "transferbench.study"
 KIND_TAG = "transferbench.kind"
 RUN_KEY_TAG = "transferbench.run_key"
+# MLflow's experiment-kind tag (a kind its UI knows: "finetuning" is a training kind, not GenAI)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "finetuning"
+NOTE_TAG = "mlflow.note.content"  # a run's description in the UI (Markdown)
+# MLflow 3.17's UI opens an experiment by its sidebar workflow ("GenAI" or "Model training", the ``workflowType`` URL
+# parameter, else the browser's last choice, else GenAI), not by mlflow.experimentKind: a link must name the workflow
+UI_WORKFLOW_QUERY = "workflowType=machine_learning"
+STUDY_DESCRIPTION = ("Study parent run: one child per (task, backbone, mode, seed); the rank table is added by the "
+                     "report stage.")
 
 
 class Tracker(Protocol):
@@ -79,6 +94,15 @@ class NullTracker:
 
     def close(self, status: str = "FINISHED") -> None:
         self.closed_with = status
+
+
+def experiment_ui_url(ui_url: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of the experiment's training runs (or of one run): ``<ui>/#/experiments/<id>/runs...``.
+
+    The plain ``#/experiments/<id>`` (what the UI's experiment list links to) opens MLflow 3.17 on its GenAI traces
+    overview in a browser that never chose "Model training"; the ``workflowType`` parameter opens the runs."""
+    page = f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{page}/{run_id}?{UI_WORKFLOW_QUERY}" if run_id else f"{page}?{UI_WORKFLOW_QUERY}"
 
 
 def repo_path(path: str | Path) -> Path:
@@ -133,6 +157,30 @@ def experiment_artifact_location(tracking_uri: str, configured: str | Path) -> s
 
 def _clean(params: Mapping[str, Any]) -> dict[str, str]:
     return {k: ("" if v is None else str(v))[:6000] for k, v in params.items()}
+
+
+_KIND_LABELS = {"finetune": "Fine-tuning run", "retrieval": "Retrieval run (frozen features)",
+                "sensitivity": "Sensitivity parent run", "sensitivity-study": "Sensitivity study",
+                "sensitivity-trial": "Sensitivity trial"}
+
+
+def describe_run(tags: Mapping[str, Any], *, kind: str) -> str:
+    """A one-line Markdown description of a run from its tags (task, backbone, family, weights, mode, seed...)."""
+    get = {k: str(v) for k, v in tags.items() if v is not None and str(v) != ""}.get
+    if get("random_init") == "true":
+        weights = "random-init"
+    else:
+        weights = get("weights_label") or get("weights")
+    what = _KIND_LABELS.get(kind, f"{kind.capitalize()} run")
+    parts = [f"task **{get('task')}**" if get("task") else None,
+             f"backbone **{get('backbone')}**" if get("backbone") else None,
+             f"family {get('family')}" if get("family") else None,
+             f"weights {weights}" if weights else None,
+             f"mode {get('mode')}" if get("mode") else None,
+             f"seed {get('seed')}" if get("seed") else None,
+             f"Optuna trial {get('optuna.trial')} ({get('label')})" if get("optuna.trial") else None]
+    details = ", ".join(p for p in parts if p)
+    return f"{what}: {details}." if details else f"{what}."
 
 
 class MlflowTracker:
@@ -213,14 +261,18 @@ class RunRegistry:
             if found is None:
                 try:
                     found_id = self.client.create_experiment(
-                        experiment, artifact_location=experiment_artifact_location(tracking_uri, artifact_location))
+                        experiment, artifact_location=experiment_artifact_location(tracking_uri, artifact_location),
+                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
                 except MlflowException as exc:  # a server store: another process created it first
                     if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                         raise
-                    found_id = self.client.get_experiment_by_name(experiment).experiment_id
+                    found = self.client.get_experiment_by_name(experiment)
+                    found_id = found.experiment_id
                 self.experiment_id = found_id
             else:
                 self.experiment_id = found.experiment_id
+            if found is not None and EXPERIMENT_KIND_TAG not in found.tags:  # made before the tag (or elsewhere)
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     @classmethod
     def from_settings(cls, tracking: TrackingSettings) -> RunRegistry:
@@ -238,9 +290,11 @@ class RunRegistry:
         with self._lock:
             runs = self._search(query)
             if runs:
+                if NOTE_TAG not in runs[0].data.tags:  # a parent run made before descriptions
+                    self.client.set_tag(runs[0].info.run_id, NOTE_TAG, STUDY_DESCRIPTION)
                 return runs[0].info.run_id
             run = self.client.create_run(self.experiment_id, run_name=study,
-                                         tags={STUDY_TAG: study, KIND_TAG: "study"})
+                                         tags={STUDY_TAG: study, KIND_TAG: "study", NOTE_TAG: STUDY_DESCRIPTION})
             self.client.set_terminated(run.info.run_id, "FINISHED")
             return self._first(query, run.info.run_id)
 
@@ -264,8 +318,8 @@ class RunRegistry:
                 pass
         parent = self.study_run(study)
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
-            **_clean(tags), STUDY_TAG: study, KIND_TAG: "finetune", RUN_KEY_TAG: run_key,
-            "mlflow.parentRunId": parent})
+            NOTE_TAG: describe_run(tags, kind="finetune"), **_clean(tags), STUDY_TAG: study, KIND_TAG: "finetune",
+            RUN_KEY_TAG: run_key, "mlflow.parentRunId": parent})
         return run.info.run_id, False
 
     def keyed_run(self, *, study: str, kind: str, run_key: str, run_name: str, parent: str | None = None,
@@ -281,11 +335,19 @@ class RunRegistry:
             runs = self._search(query)
             if runs:
                 return runs[0].info.run_id
-            all_tags = {**_clean(tags or {}), STUDY_TAG: study, KIND_TAG: kind, RUN_KEY_TAG: run_key}
+            all_tags = {NOTE_TAG: describe_run(tags or {}, kind=kind), **_clean(tags or {}), STUDY_TAG: study,
+                        KIND_TAG: kind, RUN_KEY_TAG: run_key}
             if parent:
                 all_tags["mlflow.parentRunId"] = parent
             created = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
             return self._first(query, created)
+
+    def describe(self, run_id: str, markdown: str) -> None:
+        """Set the run's description (``mlflow.note.content``, Markdown), e.g. the study's rank table.
+
+        MLflow caps a tag value at 8000 characters: a longer text is cut there, with a note that it was."""
+        limit, cut = 8000, "\n\n*(description truncated: MLflow keeps 8000 characters)*"
+        self.client.set_tag(run_id, NOTE_TAG, markdown if len(markdown) <= limit else markdown[:limit - len(cut)] + cut)
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float | None], step: int | None = None) -> None:
         import time
