@@ -128,7 +128,8 @@ def _report(args: argparse.Namespace) -> int:
     from transferbench.stages import report
 
     result = report.run(_load(args.params), mlflow_url=args.mlflow_url)
-    print(f"report: {result.html} (+ {result.answer.name}; logged to MLflow run {result.parent_run_id})")
+    print(f"report: {result.html} (+ {result.answer.name}; logged to MLflow run {result.parent_run_id})\n"
+          f"runs in MLflow (`mlflow ui`): {result.runs_url}")
     return 0
 
 

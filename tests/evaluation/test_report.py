@@ -145,3 +145,14 @@ def test_the_report_names_the_random_init_backbones(small_study: Path) -> None:
     html = result.html.read_text()
     assert 'id="random-init-banner"' in html and "test_resnet, test_convnext, test_vit, test_vit2" in html
     assert "http://127.0.0.1:5000/#/experiments/" in html  # report.mlflow_url's default
+
+
+def test_a_run_without_predictions_leaves_its_evaluation_untested_and_named(small_study: Path) -> None:
+    run_id = json.loads((small_study.parent / "metrics/third/test_resnet/full/seed1.json").read_text())["mlflow_run_id"]
+    (artifact,) = small_study.parent.glob(f"artifacts/**/{run_id}/artifacts/predictions/test_predictions.csv")
+    artifact.unlink()
+    result = report.run(load_settings(small_study))
+    by_eval = {c["evaluation"]: c for c in json.loads(result.answer.read_text())["comparisons"]}
+    assert by_eval["third"]["significant"] is None and run_id in by_eval["third"]["untested_reason"]
+    assert by_eval["clear"]["significant"] is True  # the others are still tested
+    assert "not tested" in result.html.read_text()

@@ -37,6 +37,7 @@ def _best(cells: Mapping[str, Mapping[str, Any]], backbones: Sequence[str], high
 
 def _tables(runs: Sequence[FinetuneResult], predictions: Callable[[str], pd.DataFrame],
             component: str | None) -> list[pd.DataFrame]:
+    """Each run's per-image test predictions (``predictions`` raises ``AnswerError`` for a run without them)."""
     tables = []
     for run in runs:
         table = predictions(run.mlflow_run_id)
@@ -74,11 +75,15 @@ def compare_evaluation(evaluation: str, entry: Mapping[str, Any], *, families: M
         return out
     runs = {b: [r for r in rs if r.seed in seeds] for b, rs in mine.items()}
     component = entry.get("component")
-    t_tables = _tables(runs[transformer], predictions, component)
-    c_tables = _tables(runs[convnet], predictions, component)
-    statistic = answer.metric_statistic(kind, entry["metric"])
-    boot = answer.paired_bootstrap(t_tables, c_tables, statistic, n_resamples=resamples, confidence=confidence,
-                                   seed=seed)
+    try:  # a run without its predictions, or runs on different test images: reported, not fatal
+        t_tables = _tables(runs[transformer], predictions, component)
+        c_tables = _tables(runs[convnet], predictions, component)
+        statistic = answer.metric_statistic(kind, entry["metric"])
+        boot = answer.paired_bootstrap(t_tables, c_tables, statistic, n_resamples=resamples, confidence=confidence,
+                                       seed=seed)
+    except answer.AnswerError as exc:
+        out["untested_reason"] = str(exc)
+        return out
     out.update({**{k: boot[k] for k in ("difference", "low", "high", "significant")}, "seeds": seeds,
                 "bootstrap": boot, "run_ids": {b: [r.mlflow_run_id for r in rs] for b, rs in runs.items()}})
     if kind == "classification":

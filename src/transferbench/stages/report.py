@@ -22,11 +22,13 @@ from typing import Any
 
 import pandas as pd
 import yaml
+from mlflow.exceptions import MlflowException
 
 from transferbench.atomic import write_text
 from transferbench.config import Settings
-from transferbench.engine.tracking import RunRegistry, repo_path
+from transferbench.engine.tracking import RunRegistry, experiment_ui_url, repo_path
 from transferbench.evaluation import html_report
+from transferbench.evaluation.answer import AnswerError
 from transferbench.evaluation.study import MULTITASK_MODE, evaluations, study_results
 from transferbench.evaluation.study_answer import study_answer
 from transferbench.provenance import git_commit
@@ -40,6 +42,7 @@ class Report:
     html: Path
     answer: Path
     parent_run_id: str
+    runs_url: str  # the study's training runs in the MLflow UI
 
 
 class _Store:
@@ -53,7 +56,10 @@ class _Store:
 
     def predictions(self, run_id: str) -> pd.DataFrame:
         if run_id not in self._tables:
-            path = self.client.download_artifacts(run_id, PREDICTIONS, str(self.workdir / run_id))
+            try:
+                path = self.client.download_artifacts(run_id, PREDICTIONS, str(self.workdir / run_id))
+            except (MlflowException, OSError) as exc:
+                raise AnswerError(f"MLflow run {run_id} has no {PREDICTIONS} ({exc})") from exc
             self._tables[run_id] = pd.read_csv(path, keep_default_na=False, dtype={"label": str, "prediction": str})
         return self._tables[run_id]
 
@@ -174,8 +180,7 @@ def run(settings: Settings, *, mlflow_url: str | None = None) -> Report:
         runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for r in sorted(results, key=lambda r: r.seed):
             runs.setdefault((r.evaluation, r.backbone), []).append(
-                {"seed": r.seed, "run_id": r.mlflow_run_id, "url": f"{url}/#/experiments/{experiment}/runs/"
-                                                                   f"{r.mlflow_run_id}"})
+                {"seed": r.seed, "run_id": r.mlflow_run_id, "url": experiment_ui_url(url, experiment, r.mlflow_run_id)})
         champions = {(row["task"], row["mode"]): row for row in registry_rows if "champion" in row["aliases"]}
         trained = [(t, m) for t in settings.study.tasks for m in settings.modes_of(t)]
         trained += [(t, MULTITASK_MODE) for t in settings.study.multitask_tasks]
@@ -197,6 +202,7 @@ def run(settings: Settings, *, mlflow_url: str | None = None) -> Report:
         context = {
             "identity": _identity(settings, table, hashes), "table": table, "answer": answer, "groups": groups,
             "overall": overall, "runs": runs, "mlflow_url": url, "experiment_id": experiment, "parent_run_id": parent,
+            "run_url": lambda run_id=None: experiment_ui_url(url, experiment, run_id),
             "splits": {e: _split_hash(settings, spec.task, hashes) for e, spec in specs.items()},
             "figures": {"heatmap": _png(reports / "rank_heatmap.png"), "cd": _png(reports / "rank_cd_diagram.png"),
                         "correlations": html_report.correlation_figure(
@@ -213,7 +219,7 @@ def run(settings: Settings, *, mlflow_url: str | None = None) -> Report:
         client.log_artifact(parent, str(answer_path), "report")
         rank_markdown = (reports / "rank_table.md").read_text() if (reports / "rank_table.md").is_file() else ""
         store.registry.describe(parent, _description(answer, rank_markdown, "report/index.html"))
-    return Report(html, answer_path, parent)
+    return Report(html, answer_path, parent, experiment_ui_url(url, experiment))
 
 
 def _png(path: Path) -> str | None:
