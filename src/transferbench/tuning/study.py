@@ -70,8 +70,8 @@ from transferbench.engine.inputs import prepare_inputs
 from transferbench.engine.tasks import task_metric
 from transferbench.engine.tracking import RunRegistry
 from transferbench.errors import TransferbenchError
-from transferbench.progress import PROGRESS_ENV, progress
 from transferbench.models import build_model
+from transferbench.progress import PROGRESS_ENV, progress
 from transferbench.tuning.storage import STORAGE_ENV, open_storage, redact, resolve_storage_url
 
 # QMCSampler, heartbeats and the retry callback are marked experimental; the pins fix their behaviour.
