@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import os
 import signal
+import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -358,6 +361,129 @@ def _dashboard(args: argparse.Namespace) -> int:
     except OSError as exc:  # e.g. the port is taken
         raise TransferbenchError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
     return 0
+
+
+UI_START_TIMEOUT = 120  # seconds for `mlflow ui` to answer /health (its first start on two cores takes ~15 s)
+UI_STOP_TIMEOUT = 10  # seconds between SIGTERM and SIGKILL to the server's process group
+
+
+def _ui_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=5000, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--no-browser", dest="browser", action="store_false",
+                        help="print the URL only, do not open it in a web browser")
+
+
+def _stop_group(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (``mlflow ui``, its uvicorn worker, its job runners), SIGKILL to what
+    outlives ``UI_STOP_TIMEOUT``; returns once none of them runs."""
+    import psutil
+
+    try:  # its members now: once the leader exits, they are no longer its children
+        leader = psutil.Process(server.pid)
+        group = [leader, *leader.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        group = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    _, alive = psutil.wait_procs(group, timeout=UI_STOP_TIMEOUT)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=UI_STOP_TIMEOUT)
+    server.wait()
+
+
+def _ui_failure(log: os.PathLike, what: str) -> TransferbenchError:
+    from pathlib import Path
+
+    log = Path(log)
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.is_file() else ""
+    return TransferbenchError(f"mlflow ui {what}; its log, {log}, ends:\n{tail}")
+
+
+@command("ui", "open MLflow's UI on the study's training runs: `mlflow ui` on the study's store (params "
+         "tracking.tracking_uri, $MLFLOW_TRACKING_URI overrides); Ctrl-C stops it", _ui_arguments)
+def _ui(args: argparse.Namespace) -> int:
+    import json
+    import socket
+    import tempfile
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    import webbrowser
+    from pathlib import Path
+
+    from transferbench.engine.tracking import experiment_ui_url, repo_path, resolve_tracking_uri
+    from transferbench.tuning.storage import redact
+
+    tracking = _load(args.params).tracking
+    store = resolve_tracking_uri(tracking.tracking_uri)
+    shown = redact(store) if "://" in store else store  # no password on screen
+    if store.split(":", 1)[0] in ("http", "https", "databricks"):
+        raise TransferbenchError(f"the study's store is a tracking server ({shown}): open its own UI")
+    if store.startswith("sqlite:///") and not Path(store[len("sqlite:///"):]).is_file():
+        raise TransferbenchError(f"{store[len('sqlite:///'):]}: no MLflow store there yet (tracking.tracking_uri in "
+                                 f"{args.params}, or $MLFLOW_TRACKING_URI); run `make repro` (or `dvc repro`) first")
+    # a server already there (another `mlflow ui` on 5000, say) would answer for the one started here
+    with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as exc:
+            raise TransferbenchError(f"cannot serve on {args.host}:{args.port}: {exc}; choose another --port") from None
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(args.host, args.host)  # where this machine reaches it
+    ui = f"http://{f'[{host}]' if ':' in host else host}:{args.port}"
+    mlflow = Path(sys.executable).with_name("mlflow")
+    # the registry is the tracking store (stages/register.py); artifacts of mlflow-artifacts:/ experiments live under
+    # tracking.artifact_location, wherever the command runs
+    command = [str(mlflow)] if mlflow.is_file() else [sys.executable, "-m", "mlflow"]
+    command += ["ui", "--backend-store-uri", store, "--registry-store-uri", store,
+                "--artifacts-destination", repo_path(tracking.artifact_location).as_uri(),
+                "--host", args.host, "--port", str(args.port), "--workers", "1"]
+    descriptor, name = tempfile.mkstemp(prefix="transferbench-mlflow-ui-", suffix=".log")
+    log = Path(name)
+    with os.fdopen(descriptor, "w") as out:  # its own session: Ctrl-C reaches this process only, which stops it
+        server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    interrupted = False
+    try:
+        deadline = time.monotonic() + UI_START_TIMEOUT
+        while True:
+            if server.poll() is not None:
+                raise _ui_failure(log, f"exited ({server.returncode}) before it answered on {ui}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{ui}/health", timeout=5) as answer:
+                if answer.status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise _ui_failure(log, f"did not answer on {ui}/health within {UI_START_TIMEOUT} s")
+            time.sleep(0.3)
+        query = urllib.parse.urlencode({"experiment_name": tracking.experiment})
+        try:
+            with urllib.request.urlopen(f"{ui}/api/2.0/mlflow/experiments/get-by-name?{query}", timeout=30) as answer:
+                experiment_id = json.load(answer)["experiment"]["experiment_id"]
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404:
+                what = f"answered {exc.code} to the lookup of experiment {tracking.experiment!r}"
+                raise _ui_failure(log, what) from None
+            experiment_id = None
+        link = experiment_ui_url(ui, experiment_id) if experiment_id is not None else ui
+        print(f"MLflow UI: {link}", flush=True)
+        if experiment_id is None:
+            print(f"the study has no runs yet (no experiment {tracking.experiment!r} in {shown}): run "
+                  "`make repro` (or `dvc repro`) first", file=sys.stderr, flush=True)
+        print(f"serving {shown} (server log {log}); Ctrl-C stops it", file=sys.stderr, flush=True)
+        if args.browser:
+            webbrowser.open(link)
+        code = server.wait()
+        raise _ui_failure(log, f"exited ({code})")
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (``entry``): a clean stop, its log is of no more use
+        interrupted = True
+        raise
+    finally:
+        _stop_group(server)
+        if interrupted:
+            log.unlink(missing_ok=True)
 
 
 def _weights_arguments(parser: argparse.ArgumentParser) -> None:
