@@ -27,6 +27,7 @@ from transferbench import cli
 from transferbench.config import Settings, build
 from transferbench.data.synthetic import generate
 from transferbench.engine.finetune import COMPLETED_FILE
+from transferbench.engine.run_files import load_result, record_path, result_path
 from transferbench.engine.spec import STATE_FILE, checkpoint_name
 from transferbench.errors import TransferbenchError
 from transferbench.stages.finetune import run_finetune
@@ -131,13 +132,15 @@ def test_a_finetune_whose_metrics_dir_is_full_fails_naming_the_file_and_complete
     metrics, plots = disk / "metrics", tmp_path / "plots"
     _finetune(settings, metrics, plots)
     before = _final_files(disk)
-    (metrics_file,) = before
+    metrics_file = result_path(metrics, "toy", "test_resnet", 0)
+    record_file = record_path(metrics, metrics_file)
+    assert set(before) == {metrics_file, record_file}  # the run's metrics and its record, both on the full disk
 
     _fill(disk, leave=0)
     with pytest.raises(TransferbenchError, match="no space left on device") as failed:
-        _finetune(settings, metrics, plots, fresh=True)  # trains again, then writes its metrics JSON
-    assert str(metrics_file) in str(failed.value)
-    assert _final_files(disk) == before, "the previous metrics JSON was changed"
+        _finetune(settings, metrics, plots, fresh=True)  # trains again, then writes its record and metrics JSON
+    assert str(record_file) in str(failed.value)  # the record is written first
+    assert _final_files(disk) == before, "the previous metrics JSON or its record was changed"
     (run_dir,) = (tmp_path / "ray_results").iterdir()
     trained = {p: p.stat().st_mtime_ns for p in run_dir.glob(f"*/{STATE_FILE}")}
     assert len(trained) == 2 and not (run_dir / COMPLETED_FILE).exists()
@@ -146,7 +149,7 @@ def test_a_finetune_whose_metrics_dir_is_full_fails_naming_the_file_and_complete
     result = _finetune(settings, metrics, plots)
     assert result["epochs_run"] == 2 and (run_dir / COMPLETED_FILE).is_file()
     assert {p: p.stat().st_mtime_ns for p in trained} == trained, "trained again instead of resuming"
-    assert json.loads(metrics_file.read_text()) == result
+    assert load_result(metrics_file, record_file) == result
 
 
 @pytest.mark.slow

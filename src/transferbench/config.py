@@ -555,8 +555,12 @@ class TrackingSettings(Section):
 class CompareSettings(Section):
     """Rank tables, significance analysis and the drift gate (PROTOCOL.md, "What the results look like")."""
 
-    # One metrics JSON per (task, backbone, seed): <metrics_dir>/<task>/<backbone>/seed<S>.json.
+    # One metrics JSON per (task, backbone, mode, seed): <metrics_dir>/<task>/<backbone>/<mode>/seed<S>.json, the
+    # run's numbers; its record (identity, lineage) at the same path under <metrics_dir>.runs.
     metrics_dir: Str = "metrics/finetune"
+    # The study's numbers for `dvc metrics show` / `diff`: per family and backbone the average rank, and the
+    # Friedman test's p-value (the whole table is <data.reports_dir>/rank_table.json).
+    ranks_file: Str = "metrics/ranks.json"
     # The committed rank table that `transferbench compare --baseline` checks against.
     baseline: Str = "baselines/smoke_rank_table.json"
     # Drift gate: a per-task mean metric that moves by more than this (absolute, in the
@@ -655,6 +659,9 @@ class SensitivitySettings(Section):
     # PED-ANOVA: importance for reaching the top this fraction of trials.
     ped_anova_quantile: Annotated[float, Strict(), Field(gt=0, lt=1)] = 0.25
     reports_dir: Str = "reports/sensitivity"
+    # Per task, the numbers ``dvc metrics show`` prints (<metrics_dir>/<task>.json: per backbone the fixed
+    # choice's score, the best and median trial's, and how often the ranking flips); the rest is reports_dir's.
+    metrics_dir: Str = "metrics/sensitivity"
     space: SearchSpace = SearchSpace()
 
     @model_validator(mode="after")

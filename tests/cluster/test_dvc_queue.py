@@ -46,7 +46,8 @@ def test_two_queued_experiments_at_once_share_the_sqlite_store_without_duplicate
                                   "system_metrics": False})
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"finetune": {
-        "cmd": STAGE, "params": ["finetune"], "metrics": [{"metrics": {"cache": False}}]}}}))
+        "cmd": STAGE, "params": ["finetune"], "metrics": [{"metrics": {"cache": False}}],
+        "outs": [{"metrics.runs": {"cache": False}}]}}}))  # the runs' records, as dvc.yaml declares them
     (root / ".gitignore").write_text("mlruns.db*\nmlartifacts/\nray_results/\nplots/\n")
     for args in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.org"],
                  ["git", "config", "user.name", "t"], [str(BIN / "dvc"), "init", "-q"],

@@ -9,7 +9,6 @@ and a rerun must complete, resuming the interrupted run in the same MLflow run.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -26,6 +25,7 @@ import yaml
 
 from engine.conftest import toy_params, toy_splits  # noqa: F401 -- the session fixture
 
+from transferbench.engine.run_files import read_run
 from transferbench.engine.tracking import KIND_TAG
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,8 @@ def _repo(root: Path, splits: Path, num_workers: int) -> tuple[Path, dict]:
                                   "artifact_location": str(root / "mlartifacts"), "system_metrics": True})
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"finetune": {
-        "cmd": STAGE, "params": ["finetune", "ray"], "metrics": [{"metrics": {"cache": False}}]}}}))
+        "cmd": STAGE, "params": ["finetune", "ray"], "metrics": [{"metrics": {"cache": False}}],
+        "outs": [{"metrics.runs": {"cache": False}}]}}}))  # the runs' records, as dvc.yaml declares them
     return root, env
 
 
@@ -116,7 +117,7 @@ def test_an_interrupted_repro_leaves_no_process_and_a_rerun_resumes_the_run(toy_
     rerun = _with_ray(root, env)
     out, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, out[-6000:]
-    result = json.loads((root / "metrics" / "toy" / "test_resnet" / "full" / "seed0.json").read_text())
+    result = read_run(root / "metrics", "toy", "test_resnet", 0, "full")
     # From a checkpoint, not from scratch: the one Ray Train had registered, which may lag the newest
     # directory on disk by an epoch.
     assert result["resumed_at_epochs"] and result["resumed_at_epochs"][0] >= 1

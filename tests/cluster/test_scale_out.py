@@ -39,6 +39,7 @@ from mlflow import MlflowClient
 from engine.conftest import toy_params, toy_splits  # noqa: F401 -- the session fixture
 
 from transferbench.engine.cluster import wait_until
+from transferbench.engine.run_files import read_run
 from transferbench.engine.tracking import KIND_TAG, STUDY_TAG
 
 pytestmark = pytest.mark.slow
@@ -74,7 +75,7 @@ def _finished(process: subprocess.Popen, timeout: float = 600) -> str:
 
 
 def _result(tmp: Path) -> dict:
-    return json.loads((tmp / "metrics" / "toy" / "test_resnet" / "full" / "seed0.json").read_text())
+    return read_run(tmp / "metrics", "toy", "test_resnet", 0, "full")
 
 
 def _children(uri: str, study: str = "toy-study") -> list:
@@ -245,6 +246,7 @@ def test_sensitivity_on_postgres_with_two_ray_workers_and_one_killed(ray_two_nod
                      sensitivity={"tasks": ["toy"], "backbones": ["test_vit"], "n_trials": n, "max_epochs": 6,
                                   "sampler": "qmc", "storage": "sqlite:///unused.db",
                                   "reports_dir": str(tmp_path / "reports"),
+                                  "metrics_dir": str(tmp_path / "sensitivity_metrics"),
                                   "pruner": {"kind": "none"}, "heartbeat_interval": 2, "grace_period": 10,
                                   "space": {"lr": {"low": 1.0e-5, "high": 1.0e-2, "log": True},
                                             "warmup_iters": {"low": 0, "high": 4},

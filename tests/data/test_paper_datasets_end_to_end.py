@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 from transferbench.cli import main
+from transferbench.engine.run_files import read_run
 
 pytestmark = pytest.mark.slow
 
@@ -74,8 +75,10 @@ def test_wikiart_fgnet_oxford5k_run_through_split_validate_train_retrieve_and_co
     params["ray"]["storage_path"] = str(tmp_path / "ray_results")
     params["tracking"].update(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}",
                               artifact_location=str(tmp_path / "art"), system_metrics=False, log_model=False)
-    params["compare"].update(metrics_dir=str(tmp_path / "metrics"), learning_floors={})
-    params["sensitivity"].update(tasks=[], backbones=[])
+    params["compare"].update(metrics_dir=str(tmp_path / "metrics"), ranks_file=str(tmp_path / "ranks.json"),
+                             learning_floors={})
+    params["sensitivity"].update(tasks=[], backbones=[], reports_dir=str(tmp_path / "sensitivity"),
+                                 metrics_dir=str(tmp_path / "sensitivity_metrics"))
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     run = ["--params", str(path)]
@@ -99,6 +102,12 @@ def test_wikiart_fgnet_oxford5k_run_through_split_validate_train_retrieve_and_co
     }
     assert table["tasks"]["fgnet"]["metric"] == "mae" and table["tasks"]["fgnet"]["higher_is_better"] is False
     assert table["tasks"]["oxford5k"]["n_note"].startswith("deterministic")
-    oxford = json.loads((tmp_path / "metrics" / "oxford5k" / "test_resnet" / "frozen.json").read_text())
+    oxford = read_run(tmp_path / "metrics", "oxford5k", "test_resnet", mode="frozen")
     assert oxford["n_queries"] == 2 and oxford["n_database"] == 16 and 0 < oxford["test_map"] <= 1
     assert "wikiart" in table["gain_from_full_finetuning"]
+    # the numbers dvc metrics shows: one backbone ranked first in all four evaluations, no Friedman test
+    ranks = json.loads((tmp_path / "ranks.json").read_text())
+    assert ranks == {"average_rank": {"families": {f: v["average_rank"] for f, v in table["families"].items()},
+                                      "backbones": {"test_resnet": 1.0}},
+                     "n_evaluations": 4, "friedman_p_value": None}
+    assert table["backbones"]["test_resnet"]["average_rank"] == 1.0

@@ -63,7 +63,8 @@ def test_age_finetune_beats_the_training_mean_and_its_model_predicts_ages(age_st
     assert per_epoch[result["best_epoch"] - 1] == pytest.approx(result["val_mae"])
     plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "age_scatter_test.png" in plots
-    curve = (root / "plots" / "synthetic_age" / "test_resnet" / "full" / "seed0.csv").read_text().splitlines()
+    curve = (root / "plots" / "synthetic_age" / "test_resnet" / "full" / "seed0-random-init.csv").read_text()
+    curve = curve.splitlines()
     assert curve[0].split(",")[:4] == ["epoch", "step", "train_loss", "val_loss"] and "val_mae" in curve[0]
 
     mlflow.set_tracking_uri(settings.tracking.tracking_uri)

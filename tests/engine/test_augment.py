@@ -195,7 +195,7 @@ def test_a_device_mode_finetune_learns_and_draws_other_augmentations_than_the_cp
         results[mode] = run_finetune(settings, task="toy", backbone="test_resnet", seed=0,
                                      metrics_dir=tmp_path / mode / "metrics", plots_dir=tmp_path / mode / "plots")
     assert results["device"]["test_balanced_accuracy"] >= 0.9 and results["device"]["epochs_run"] == 4
-    first = {mode: pd.read_csv(tmp_path / mode / "plots" / "toy" / "test_resnet" / "full" / "seed0.csv").iloc[0]
-             for mode in results}
+    first = {mode: pd.read_csv(tmp_path / mode / "plots" / "toy" / "test_resnet" / "full" / "seed0-random-init.csv")
+             .iloc[0] for mode in results}
     assert first["device"]["epoch"] == first["cpu"]["epoch"] == 1
     assert first["device"]["train_loss"] != first["cpu"]["train_loss"]

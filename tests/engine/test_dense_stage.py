@@ -23,6 +23,7 @@ from transferbench.config import load_settings
 from transferbench.data.splits import split_task
 from transferbench.data.validation import validate_task
 from transferbench.engine.data import CachedImages, build_cache, read_manifests
+from transferbench.engine.run_files import read_run, record_path, result_path
 from transferbench.engine.tasks import kind_for_task
 from transferbench.models import InputSpec
 from transferbench.stages import finetune, finetune_multitask, generate_synthetic
@@ -122,6 +123,15 @@ def test_segmentation_and_depth_train_one_backbone_with_two_heads(dense_study):
     assert (depth["task"], depth["metric"], depth["higher_is_better"]) == ("synthetic_depth", "rmse", False)
     assert seg["test_score"] == result["test_synthetic_seg.miou"] > 0.5
     assert 0 < depth["test_score"] == result["test_synthetic_depth.rmse"]
+    # on disk: the per-component scores in the metrics file (by component task), what they are in the record
+    root = dense_study.parent
+    assert read_run(root / "metrics", "synthetic_seg_depth", "test_resnet", result["seed"], result["mode"]) == result
+    metrics_file = result_path(root / "metrics", "synthetic_seg_depth", "test_resnet", result["seed"], result["mode"])
+    assert json.loads(metrics_file.read_text())["components"] == {
+        c["task"]: {"val_score": c["val_score"], "test_score": c["test_score"]} for c in (seg, depth)}
+    record = json.loads(record_path(root / "metrics", metrics_file).read_text())
+    assert record["components"] == [{k: c[k] for k in ("task", "kind", "metric", "higher_is_better")}
+                                    for c in (seg, depth)]
     client = mlflow.MlflowClient(load_settings(dense_study).tracking.tracking_uri)
     plots = {Path(a.path).name for a in client.list_artifacts(result["mlflow_run_id"], "plots")}
     assert {"synthetic_seg_segmentation_test.png", "synthetic_depth_depth_test.png"} <= plots
@@ -159,8 +169,13 @@ def test_a_backbone_the_task_does_not_list_gets_no_run_and_a_note(dense_study):
     root = dense_study.parent
     assert list(finetune.each_seed(settings, task="synthetic_seg", backbone="test_convnext",
                                    metrics_dir=root / "metrics", plots_dir=root / "plots")) == []
-    note = json.loads((root / "metrics" / "synthetic_seg" / "test_convnext" / "skipped.json").read_text())
+    # the metrics directory says only that it is skipped (dvc metrics show: skipped 1); the record says why
+    assert [p.name for p in (root / "metrics" / "synthetic_seg" / "test_convnext").iterdir()] == ["skipped.json"]
+    assert json.loads((root / "metrics" / "synthetic_seg" / "test_convnext" / "skipped.json").read_text()) == \
+        {"skipped": 1}
+    note = json.loads((root / "metrics.runs" / "synthetic_seg" / "test_convnext" / "skipped.json").read_text())
     assert note["skipped"] is True and "test_resnet, test_vit" in note["reason"]
+    assert (note["task"], note["backbone"]) == ("synthetic_seg", "test_convnext")
     assert not list((root / "plots" / "synthetic_seg" / "test_convnext").iterdir())
 
 

@@ -62,5 +62,5 @@ def test_the_same_seed_on_gpu_gives_the_same_losses(toy_splits, tmp_path):
     for run in ("a", "b"):
         result = _gpu_run(toy_splits, tmp_path / run, "test_resnet", seed=3)
         assert result["precision"] == "bf16-autocast"
-        curves.append(pd.read_csv(tmp_path / run / "plots" / "toy" / "test_resnet" / "full" / "seed3.csv"))
+        curves.append(pd.read_csv(tmp_path / run / "plots" / "toy" / "test_resnet" / "full" / "seed3-random-init.csv"))
     pd.testing.assert_frame_equal(curves[0], curves[1], check_exact=True)

@@ -22,6 +22,7 @@ import yaml
 
 from transferbench.engine.checkpoints import latest_checkpoint, prune_checkpoints
 from transferbench.engine.finetune import COMPLETED_FILE
+from transferbench.engine.run_files import read_run, record_path, result_path
 from transferbench.engine.spec import FINAL_FILE, STATE_FILE, checkpoint_name
 from transferbench.engine.tasks import kind_for_task
 from transferbench.engine.tracking import STUDY_TAG
@@ -59,8 +60,19 @@ def test_local_mode_trains_in_this_process_without_a_ray_cluster(toy_splits, tmp
         assert not ray.is_initialized(), "local mode started or joined a Ray cluster"
     assert result["num_workers"] == 0 and result["world_size"] == 1 and result["ray_nodes"] == 1
     assert (result["device"], result["precision"]) == ("cpu", "fp32")
-    on_disk = json.loads((tmp_path / "metrics" / "toy" / "test_resnet" / "full" / "seed0.json").read_text())
+    on_disk = read_run(tmp_path / "metrics", "toy", "test_resnet", 0, "full")
     assert on_disk == result and result["resumed_at_epochs"] == []
+    # the metrics file holds only the run's numbers (what dvc metrics show prints); its record the rest
+    metrics_file = result_path(tmp_path / "metrics", "toy", "test_resnet", 0, "full")
+    assert metrics_file == tmp_path / "metrics" / "toy" / "test_resnet" / "full" / "seed0.json"
+    metrics = json.loads(metrics_file.read_text())
+    assert "test_score" in metrics and "val_score" in metrics
+    assert all(v is None or type(v) in (int, float) for v in metrics.values()), metrics
+    record_file = record_path(tmp_path / "metrics", metrics_file)
+    assert record_file == tmp_path / "metrics.runs" / "toy" / "test_resnet" / "full" / "seed0.json"
+    record = json.loads(record_file.read_text())
+    assert record["mlflow_run_id"] == result["mlflow_run_id"] and record["weights_label"] == "random-init"
+    assert not set(metrics) & set(record)
     run_dir = Path(settings.ray.storage_path) / result["ray_run_name"]
     final = json.loads((run_dir / FINAL_FILE).read_text())
     assert final["worker_nodes"][0].startswith("local:")
@@ -73,7 +85,9 @@ def test_local_mode_trains_in_this_process_without_a_ray_cluster(toy_splits, tmp
     assert child.data.params["ray.num_workers"] == "0" and child.data.tags["transferbench.world_size"] == "1"
     history = mlflow.MlflowClient(settings.tracking.tracking_uri).get_metric_history(child.info.run_id, "val_loss")
     assert sorted(m.step for m in history) == list(range(1, result["epochs_run"] + 1))
-    curve = pd.read_csv(tmp_path / "plots" / "toy" / "test_resnet" / "full" / "seed0.csv")
+    assert [p.name for p in (tmp_path / "plots" / "toy" / "test_resnet" / "full").iterdir()] == \
+        ["seed0-random-init.csv"]
+    curve = pd.read_csv(tmp_path / "plots" / "toy" / "test_resnet" / "full" / "seed0-random-init.csv")
     assert list(curve["epoch"]) == list(range(1, result["epochs_run"] + 1))
 
 
@@ -154,7 +168,7 @@ def test_a_sigkilled_local_mode_finetune_resumes_into_the_same_mlflow_run_with_n
     rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"skipping unreadable checkpoint {torn}" in rerun.stderr
-    result = json.loads((tmp_path / "metrics" / "toy" / "test_resnet" / "full" / "seed0.json").read_text())
+    result = read_run(tmp_path / "metrics", "toy", "test_resnet", 0, "full")
     assert result["resumed_at_epochs"] == [newest - 1] and result["epochs_run"] == 14
     (finished,) = _child_runs(uri)
     assert finished.info.run_id == killed.info.run_id == result["mlflow_run_id"], "resume left a second MLflow run"
@@ -162,7 +176,7 @@ def test_a_sigkilled_local_mode_finetune_resumes_into_the_same_mlflow_run_with_n
     for key in ("val_loss", "train_loss", "lr"):
         steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(finished.info.run_id, key)]
         assert sorted(steps) == list(range(1, 15)), f"{key}: steps {sorted(steps)}: a gap or a repeat"
-    curve = pd.read_csv(tmp_path / "plots" / "toy" / "test_resnet" / "full" / "seed0.csv")
+    curve = pd.read_csv(tmp_path / "plots" / "toy" / "test_resnet" / "full" / "seed0-random-init.csv")
     assert list(curve["epoch"]) == list(range(1, 15))
     assert not list(run_dir.glob(f"epoch_*/{STATE_FILE}.tmp")), "a .tmp checkpoint was left behind"
     assert os.path.exists(run_dir / COMPLETED_FILE)
@@ -220,7 +234,7 @@ def test_a_finetune_sigkilled_mid_checkpoint_write_resumes_from_the_complete_one
 
     rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    result = json.loads((tmp_path / "metrics" / "toy" / "vit_s" / "full" / "seed0.json").read_text())
+    result = read_run(tmp_path / "metrics", "toy", "vit_s", 0, "full")
     assert result["resumed_at_epochs"][-1] == complete and result["epochs_run"] == 4
     uri = params["tracking"]["tracking_uri"]
     (finished,) = _child_runs(uri)
@@ -228,7 +242,7 @@ def test_a_finetune_sigkilled_mid_checkpoint_write_resumes_from_the_complete_one
     for key in ("val_loss", "train_loss"):
         steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(finished.info.run_id, key)]
         assert sorted(steps) == list(range(1, 5)), f"{key}: steps {sorted(steps)}: a gap or a repeat"
-    curve = pd.read_csv(tmp_path / "plots" / "toy" / "vit_s" / "full" / "seed0.csv")
+    curve = pd.read_csv(tmp_path / "plots" / "toy" / "vit_s" / "full" / "seed0-random-init.csv")
     assert list(curve["epoch"]) == list(range(1, 5))
     assert not list(run_dir.glob(f"epoch_*/{STATE_FILE}.tmp")), "the half-written checkpoint was left behind"
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from transferbench.engine.data import CachedImages
+from transferbench.engine.run_files import read_run
 from transferbench.engine.spec import REPORT_INTERVAL_ENV, WORKER_ENV
 from transferbench.engine.tracking import STUDY_TAG
 from transferbench.stages.finetune import run_finetune
@@ -94,14 +95,14 @@ def two_worker_run(toy_splits, tmp_path_factory):
 def test_two_workers_write_metrics_curves_and_a_complete_mlflow_run(two_worker_run):
     settings, tmp, result, seconds, environments = two_worker_run
     print(f"2-worker toy finetune: {seconds:.1f}s")
-    on_disk = json.loads((tmp / "metrics" / "toy" / "test_resnet" / "full" / "seed0.json").read_text())
+    on_disk = read_run(tmp / "metrics", "toy", "test_resnet", 0, "full")
     assert on_disk == result
     assert result["num_workers"] == 2 and result["random_init"] is True and result["weights_label"] == "random-init"
     for split in ("val", "test"):
         for metric in ("accuracy", "balanced_accuracy", "macro_f1", "auroc"):
             assert 0.0 <= result[f"{split}_{metric}"] <= 1.0
     assert result["test_score"] == result["test_balanced_accuracy"] and result["metric"] == "balanced_accuracy"
-    curve = pd.read_csv(tmp / "plots" / "toy" / "test_resnet" / "full" / "seed0.csv")
+    curve = pd.read_csv(tmp / "plots" / "toy" / "test_resnet" / "full" / "seed0-random-init.csv")
     assert list(curve["epoch"]) == list(range(1, result["epochs_run"] + 1))
 
     uri = settings.tracking.tracking_uri

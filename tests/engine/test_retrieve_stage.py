@@ -19,6 +19,7 @@ import yaml
 from transferbench.config import load_settings
 from transferbench.data.registry import get_dataset
 from transferbench.data.synthetic_retrieval import generate
+from transferbench.engine.run_files import read_run
 from transferbench.evaluation import retrieval
 from transferbench.stages import retrieve
 
@@ -52,8 +53,15 @@ def test_retrieve_tracks_a_run_whose_model_loads_back_and_caches_features(genera
 
     assert result["mode"] == "frozen" and result["val_score"] is None and result["weights_label"] == "random-init"
     assert result["test_map"] > result["baseline_score"] + 0.3  # random-init features beat a random ranking
-    on_disk = json.loads((generated / "metrics" / "synthetic_retrieval" / "test_resnet" / "frozen.json").read_text())
-    assert on_disk == result
+    assert read_run(generated / "metrics", "synthetic_retrieval", "test_resnet", mode="frozen") == result
+    # mAP (and the random ranking's) in the metrics file; the per-query AP and what ran in its record
+    metrics = json.loads((generated / "metrics" / "synthetic_retrieval" / "test_resnet" / "frozen.json").read_text())
+    assert metrics["test_map"] == result["test_map"] and metrics["baseline_score"] == result["baseline_score"]
+    assert "test_ap" not in metrics and all(v is None or type(v) in (int, float) for v in metrics.values()), metrics
+    record = json.loads((generated / "metrics.runs" / "synthetic_retrieval" / "test_resnet" / "frozen.json")
+                        .read_text())
+    assert record["test_ap"] == result["test_ap"] and isinstance(record["test_ap"], dict) and record["test_ap"]
+    assert "test_map" not in record and record["mlflow_run_id"] == result["mlflow_run_id"]
     curve = np.loadtxt(generated / "plots" / "synthetic_retrieval" / "test_resnet.csv", delimiter=",", skiprows=1)
     assert curve[0, 0] == 0.0 and curve[-1, 0] == 1.0 and ((0 <= curve[:, 1]) & (curve[:, 1] <= 1)).all()
 
@@ -121,8 +129,7 @@ def test_random_init_features_are_the_same_in_every_process(generated, tmp_path)
                                "synthetic_retrieval", "--backbone", "test_vit", "--plots-dir", str(tmp_path / "p")],
                               cwd=generated, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
-        results.append(json.loads((tmp_path / f"metrics{attempt}" / "synthetic_retrieval" / "test_vit" / "frozen.json")
-                                  .read_text()))
+        results.append(read_run(tmp_path / f"metrics{attempt}", "synthetic_retrieval", "test_vit", mode="frozen"))
         assert list(cache.rglob("*.database.npz"))  # extracted afresh: the first attempt's cache is elsewhere
     assert results[0]["test_map"] == results[1]["test_map"]
     assert results[0]["test_ap"] == results[1]["test_ap"]

@@ -7,7 +7,6 @@ its third epoch's checkpoint as SIGTERM stops it (a ``KeyboardInterrupt``), inje
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow
@@ -18,6 +17,7 @@ import torch
 from transferbench.engine import ray_worker
 from transferbench.engine.checkpoints import latest_checkpoint
 from transferbench.engine.finetune import COMPLETED_FILE
+from transferbench.engine.run_files import read_run
 from transferbench.engine.spec import STATE_FILE, checkpoint_name
 from transferbench.engine.tracking import STUDY_TAG
 from transferbench.stages.finetune import run_finetune
@@ -101,7 +101,7 @@ def test_a_rerun_resumes_from_the_checkpoint_before_a_torn_newest_one(toy_splits
     for key in ("val_loss", "train_loss", "lr"):
         steps = sorted(m.step for m in mlflow.MlflowClient(uri).get_metric_history(child.info.run_id, key))
         assert steps == list(range(1, EPOCHS + 1)), f"{key}: steps {steps}: a gap or a repeat"
-    curve = pd.read_csv(tmp_path / "plots" / "toy" / "test_resnet" / "full" / "seed0.csv")
+    curve = pd.read_csv(tmp_path / "plots" / "toy" / "test_resnet" / "full" / "seed0-random-init.csv")
     assert list(curve["epoch"]) == list(range(1, EPOCHS + 1))
-    on_disk = json.loads((tmp_path / "metrics" / "toy" / "test_resnet" / "full" / "seed0.json").read_text())
+    on_disk = read_run(tmp_path / "metrics", "toy", "test_resnet", 0, "full")
     assert on_disk["resumed_at_epochs"] == [STOP_AFTER - 1]

@@ -1,4 +1,5 @@
-"""Write a small study to disk: its params.yaml and per-seed metrics JSON (the training stage's output contract).
+"""Write a small study to disk: its params.yaml and per-seed results (the training stage's output contract: each run's
+metrics file and its record, ``engine.run_files``).
 
 A uniquely named module (not conftest) so tests can import it without clashing with other folders' conftest.py.
 """
@@ -6,13 +7,14 @@ A uniquely named module (not conftest) so tests can import it without clashing w
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from transferbench.config import TaskSettings
+from transferbench.engine.run_files import read_run, write_result
 
 REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
@@ -59,10 +61,12 @@ def write_params(root: Path, *, tasks: Mapping[str, str], backbones: Sequence[st
         "tasks": task_specs,
         "backbones": {b: {"model": b, "family": BACKBONES[b][0], "weights": "none", "preset": "tiny",
                           **({"imagenet_top1": BACKBONES[b][1]} if BACKBONES[b][1] else {})} for b in backbones},
-        "compare": {"metrics_dir": str(root / "metrics"), "baseline": str(root / "baseline.json"),
-                    "metric_tolerance": tolerance, "learning_floors": dict(floors or {})},
+        "compare": {"metrics_dir": str(root / "metrics"), "ranks_file": str(root / "ranks.json"),
+                    "baseline": str(root / "baseline.json"), "metric_tolerance": tolerance,
+                    "learning_floors": dict(floors or {})},
         "tracking": dict(tracking),
-        "sensitivity": {**params["sensitivity"], "tasks": list(tasks)[:1], "backbones": list(backbones)},
+        "sensitivity": {**params["sensitivity"], "tasks": list(tasks)[:1], "backbones": list(backbones),
+                        "metrics_dir": str(root / "metrics-sensitivity")},
     }
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -71,7 +75,8 @@ def write_params(root: Path, *, tasks: Mapping[str, str], backbones: Sequence[st
 
 def metrics_record(task: str, backbone: str, seed: int, metric: str, test: float, val: float | None = None,
                    run_id: str = "0" * 32, **extra: Any) -> dict[str, Any]:
-    """One metrics JSON as the training stage writes it (input contract of evaluation.results)."""
+    """One run's result as the training stage writes it (``write_result`` splits it into its metrics file and its
+    record: the input contract of evaluation.results)."""
     val = test if val is None else val
     task, _, mode = task.partition(":")
     record = {"task": task, "mode": mode or "full", "backbone": backbone, "model": backbone,
@@ -89,7 +94,7 @@ def metrics_record(task: str, backbone: str, seed: int, metric: str, test: float
 
 def multitask_record(task: str, backbone: str, seed: int, components: Sequence[Mapping[str, Any]], *,
                      val_loss: float = 1.0, run_id: str = "0" * 32, **extra: Any) -> dict[str, Any]:
-    """One multitask run's metrics JSON (the finetune stage's contract): ``components`` are entries
+    """One multitask run's result (the finetune stage's contract): ``components`` are entries
     ``{"task", "kind", "metric", "higher_is_better", "val_score", "test_score"}`` in component order."""
     record = {"task": task, "task_kind": "multitask", "mode": "full", "backbone": backbone, "model": backbone,
               "family": BACKBONES[backbone][0], "weights": "none", "random_init": True, "seed": seed,
@@ -109,10 +114,18 @@ def write_metrics(metrics_dir: Path, scores: Mapping[str, Mapping[str, Sequence[
     for task, per_backbone in scores.items():
         for backbone, values in per_backbone.items():
             for seed, value in enumerate(values):
-                name, _, mode = task.partition(":")
-                path = metrics_dir / name / backbone / (mode or "full") / f"seed{seed}.json"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(metrics_record(task, backbone, seed, metrics[task], value)))
+                write_result(metrics_dir, metrics_record(task, backbone, seed, metrics[task], value))
+
+
+def edit_result(metrics_dir: Path, task: str, backbone: str, seed: int, mode: str = "full", *,
+                edit: Callable[[dict[str, Any]], None] | None = None, **changes: Any) -> dict[str, Any]:
+    """Rewrite one run's files (metrics and record) with ``changes`` applied to its whole result, then ``edit`` (which
+    changes the result in place); returns the new result."""
+    result = {**read_run(metrics_dir, task, backbone, seed, mode), **changes}
+    if edit is not None:
+        edit(result)
+    write_result(metrics_dir, result)
+    return result
 
 
 def log_served_classifier(backbone: str, *, seed: int, img_size: int, classes: Sequence[str] = ("a", "b")) -> str:
@@ -137,3 +150,28 @@ def log_served_classifier(backbone: str, *, seed: int, img_size: int, classes: S
                          input_spec=InputSpec.of(model.backbone))
     example = example_png(np.zeros((3, img_size, img_size), dtype=np.uint8))
     return log_serving_model(model, served, example, ["torch", "timm"])
+
+
+def assert_ranks_file(params: Path) -> dict[str, Any]:
+    """The compare stage's ``compare.ranks_file`` (``dvc metrics``) holds the rank table's average ranks per family
+    and backbone, its number of evaluations and its Friedman p-value, and only numbers; returns it."""
+    raw = yaml.safe_load(params.read_text())
+    ranks = json.loads(Path(raw["compare"]["ranks_file"]).read_text())
+    table = json.loads((Path(raw["data"]["reports_dir"]) / "rank_table.json").read_text())
+    assert ranks["average_rank"] == {
+        "families": {f: v["average_rank"] for f, v in table["families"].items()},
+        "backbones": {b: v["average_rank"] for b, v in table["backbones"].items()}}
+    assert ranks["n_evaluations"] == len(table["tasks"])
+    significance = table["significance"]
+    assert ranks["friedman_p_value"] == (significance.get("p_value") if significance.get("applies") else None)
+    numbers = [*ranks["average_rank"]["families"].values(), *ranks["average_rank"]["backbones"].values(),
+               ranks["n_evaluations"]]
+    assert numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers)
+    return ranks
+
+
+def edit_json(path: Path, edit: Callable[[dict[str, Any]], Any]) -> None:
+    """Rewrite one JSON file (a metrics file or a record alone, to corrupt it) with ``edit`` applied in place."""
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from study_files import REPO_PARAMS
+from study_files import REPO_PARAMS, assert_ranks_file
 from transferbench.cli import EXIT_DRIFT, EXIT_ERROR, EXIT_INTERNAL_ERROR, main
 from transferbench.config import load_settings
 from transferbench.evaluation import drift
@@ -33,6 +33,7 @@ def baseline(study) -> tuple[Path, Path]:
     """Run the study's compare once and keep its table as the committed baseline."""
     params = study(SCORES, {"covid_geo": "balanced_accuracy", "synthetic": "accuracy"})
     assert main(["--params", str(params), "compare"]) == 0
+    assert assert_ranks_file(params)["average_rank"]["families"].keys() == {"convnet", "transformer"}
     path = params.parent / "baseline.json"  # params compare.baseline
     shutil.copy(params.parent / "reports" / "rank_table.json", path)
     return params, path

@@ -1,8 +1,8 @@
 """Evaluations beyond one mode of one kind (issue #21): linear probe vs full fine-tuning, the paper's task
 groups, lower-is-better age MAE in the rank table and the drift gate, and the "trivial" learning floor.
 
-Each test writes a study's metrics JSON (the training stages' output contract) with hand-picked scores and
-runs the real ``transferbench compare``; expected values are worked out by hand in the test.
+Each test writes a study's results, metrics files and records (the training stages' output contract), with
+hand-picked scores, and runs the real ``transferbench compare``; expected values are worked out by hand in the test.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from study_files import assert_ranks_file, edit_result
 from transferbench.cli import main
+from transferbench.engine.run_files import records_dir
 
 FULL_AND_PROBE = {
     "s": {"test_resnet": [0.9, 0.8], "test_vit": [0.9, 0.9]},
@@ -27,15 +29,21 @@ def _table(params: Path) -> dict:
 
 def _set_baseline(params: Path, task: str, score: float) -> None:
     """Record a trivial baseline (as the age kind does: predicting the training mean) in every run of ``task``."""
-    for path in (params.parent / "metrics" / task).rglob("seed*.json"):
-        record = json.loads(path.read_text())
-        path.write_text(json.dumps({**record, "baseline": "training-mean age", "baseline_score": score}))
+    metrics_dir = params.parent / "metrics"
+    records = sorted((records_dir(metrics_dir) / task).rglob("seed*.json"))
+    assert records  # the study wrote the task's runs
+    for path in records:
+        backbone, mode, seed = path.parts[-3], path.parts[-2], int(path.stem.removeprefix("seed"))
+        edit_result(metrics_dir, task, backbone, seed, mode, baseline="training-mean age", baseline_score=score)
 
 
 def test_linear_probe_is_its_own_evaluation_and_the_gain_table_pairs_seeds(study):
     params = study(FULL_AND_PROBE, {"s": "accuracy", "s:linear_probe": "accuracy"})
     assert main(["--params", str(params), "compare"]) == 0
     table = _table(params)
+    # full: resnet rank 2, vit 1; linear probe: resnet 1, vit 2 -> both families average 1.5 over 2 evaluations
+    ranks = assert_ranks_file(params)
+    assert ranks["average_rank"]["families"] == {"convnet": 1.5, "transformer": 1.5} and ranks["n_evaluations"] == 2
 
     assert list(table["tasks"]) == ["s", "s:linear_probe"]
     assert table["tasks"]["s:linear_probe"]["mode"] == "linear_probe" and table["tasks"]["s"]["mode"] == "full"
@@ -84,8 +92,7 @@ def test_mae_ranks_ascending_and_the_gate_sees_an_mae_swap(study, capsys):
 
     # resnet's MAE rises to 9 on both seeds: now worse than vit's 7 -> ranks swap, the gate fails
     for seed in (0, 1):
-        path = params.parent / "metrics" / "age" / "test_resnet" / "full" / f"seed{seed}.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), "test_mae": 9.0}))
+        edit_result(params.parent / "metrics", "age", "test_resnet", seed, test_mae=9.0)
     capsys.readouterr()
     assert main(["--params", str(params), "compare", "--baseline", str(baseline)]) == 1
     rank_rows = [line for line in capsys.readouterr().out.splitlines() if "| rank |" in line]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from study_files import assert_ranks_file
 from transferbench.cli import main
 from transferbench.config import load_settings
 from transferbench.data.splits import split_task
@@ -36,7 +37,8 @@ def _params(root: Path, **finetune: float) -> Path:
     raw["ray"]["storage_path"] = str(root / "ray_results")
     raw["tracking"].update(tracking_uri=f"sqlite:///{root / 'mlruns.db'}", artifact_location=str(root / "art"),
                            system_metrics=False, log_model=False)
-    raw["compare"].update(metrics_dir=str(root / "metrics"), baseline=str(root / "baseline.json"),
+    raw["compare"].update(metrics_dir=str(root / "metrics"), ranks_file=str(root / "ranks.json"),
+                          baseline=str(root / "baseline.json"),
                           learning_floors={"synthetic": raw["compare"]["learning_floors"]["synthetic"]})
     raw["data"].update(reports_dir=str(root / "reports"))
     path = root / "params.yaml"
@@ -72,6 +74,7 @@ def test_the_smoke_backbones_learn_and_a_study_that_stopped_learning_fails_the_g
     monkeypatch.chdir(synthetic_splits)
     learning = _study(synthetic_splits / "learning")
     assert main(["--params", str(learning), "compare"]) == 0
+    assert set(assert_ranks_file(learning)["average_rank"]["backbones"]) == set(BACKBONES)
     shutil.copy(synthetic_splits / "learning" / "reports" / "rank_table.json", synthetic_splits / "learning" /
                 "baseline.json")
     assert main(["--params", str(learning), "compare", "--baseline"]) == 0

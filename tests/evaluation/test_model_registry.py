@@ -18,8 +18,9 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from study_files import log_served_classifier, metrics_record, write_params
+from study_files import edit_result, log_served_classifier, metrics_record, write_params
 from transferbench.cli import main
+from transferbench.engine.run_files import read_run, records_dir, write_result
 
 pytestmark = pytest.mark.slow
 
@@ -32,16 +33,14 @@ VAL = {("test_resnet", 0): 0.70, ("test_resnet", 1): 0.60, ("test_vit", 0): 0.65
 
 
 def _log_finetuned(root: Path, backbone: str, seed: int, val: float, experiment_id: str) -> None:
-    """Log one 'fine-tuned' model as training would (its served model), and write its metrics JSON."""
+    """Log one 'fine-tuned' model as training would (its served model), and write its result (metrics and record)."""
     # Designed test scores (the real engine's load-back is in test_registry_loadback.py).
     test = {"accuracy": val - 0.05, "balanced_accuracy": val - 0.06, "macro_f1": val - 0.07}
     with mlflow.start_run(experiment_id=experiment_id) as run:
         log_served_classifier(backbone, seed=seed, img_size=IMG_SIZE)
     record = metrics_record(TASK, backbone, seed, "accuracy", test["accuracy"], val, run_id=run.info.run_id)
     record |= {f"test_{k}": v for k, v in test.items()}
-    path = root / "metrics" / TASK / backbone / "full" / f"seed{seed}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record))
+    write_result(root / "metrics", record)
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +60,12 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
 
 @pytest.fixture
 def trained(logged, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A private copy of the logged store and metrics (artifacts stay shared, read-only) and its params."""
+    """A private copy of the logged store, metrics and records (artifacts stay shared, read-only) and its params."""
     root, experiment_id = logged
     monkeypatch.chdir(tmp_path)
     shutil.copy(root / "mlruns.db", tmp_path / "mlruns.db")
     shutil.copytree(root / "metrics", tmp_path / "metrics")
+    shutil.copytree(records_dir(root / "metrics"), records_dir(tmp_path / "metrics"))
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
@@ -91,7 +91,7 @@ def test_register_sets_aliases_and_is_idempotent(trained, capsys):
     assert client.get_model_version_by_alias(MODEL_NAME, "best-transformer").version == champion.version
     best_convnet = client.get_model_version_by_alias(MODEL_NAME, "best-convnet")
     assert best_convnet.tags["backbone"] == "test_resnet" and best_convnet.tags["seed"] == "0"
-    recorded = json.loads((params.parent / "metrics" / TASK / "test_vit" / "full" / "seed1.json").read_text())
+    recorded = read_run(params.parent / "metrics", TASK, "test_vit", 1)
     assert champion.run_id == recorded["mlflow_run_id"]
     assert champion.source == f"models:/{champion.tags['logged_model_id']}"  # the MLflow 3 LoggedModel
     for key, value in {"family": "transformer", "task": TASK, "weights": "none", "data_version": "md5:abc",
@@ -119,8 +119,7 @@ def test_register_sets_aliases_and_is_idempotent(trained, capsys):
 
 def test_register_fails_clearly_when_the_run_is_unknown(trained, capsys):
     params, *_ = trained
-    path = params.parent / "metrics" / TASK / "test_vit" / "full" / "seed1.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "mlflow_run_id": "f" * 32}))
+    edit_result(params.parent / "metrics", TASK, "test_vit", 1, mlflow_run_id="f" * 32)
     assert main(["--params", str(params), "register"]) == 2
     assert f"MLflow run {'f' * 32} not found" in capsys.readouterr().err
 

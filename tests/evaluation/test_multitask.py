@@ -1,8 +1,8 @@
 """Multi-task results (issue #22; paper Tables 9-13): per-component columns, relative change, reports, gate.
 
-Hand-made metrics JSONs in the finetune stage's contract (``study_files.multitask_record``) and hand-picked
-scores; every expected number is worked out by hand here. The components stand in for the dense kinds with
-the existing ones (classification accuracy, higher is better; age MAE, lower is better) or with MetricSpec
+Hand-made results (metrics files and records) in the finetune stage's contract (``study_files.multitask_record``)
+and hand-picked scores; every expected number is worked out by hand here. The components stand in for the dense
+kinds with the existing ones (classification accuracy, higher is better; age MAE, lower is better) or with MetricSpec
 objects built directly, so these tests do not depend on the dense kinds' code.
 """
 
@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from study_files import metrics_record, multitask_record, write_params
+from study_files import assert_ranks_file, edit_json, edit_result, metrics_record, multitask_record, write_params
 from transferbench.cli import main
 from transferbench.config import BackboneSettings, load_settings
+from transferbench.engine.run_files import record_path, write_result
 from transferbench.engine.tasks import MetricSpec, list_task_kinds
 from transferbench.evaluation.multitask import relative_change
 from transferbench.evaluation.ranking import rank_table
@@ -141,41 +143,49 @@ def test_multi_task_relative_change_is_null_when_every_single_task_score_is_zero
 
 # --------------------------------------------------------------------------- reading a multitask JSON
 def test_a_multitask_json_reads_into_one_result_per_component(tmp_path: Path):
-    path = tmp_path / "mt" / VIT / "full" / "seed0.json"
-    path.parent.mkdir(parents=True)
+    metrics_dir = tmp_path / "metrics"
     record = multitask_record("mt", VIT, 0, [_component("seg", "miou", 0.39, val=0.41),
                                              _component("depth", "rmse", 1.2, val=1.1, higher=False)],
                               val_loss=0.7, test_routing_accuracy=0.95)
-    path.write_text(json.dumps(record))
+    path = write_result(metrics_dir, record)
+    assert path == metrics_dir / "mt" / VIT / "full" / "seed0.json"
+    run = record_path(metrics_dir, path)
+    # the metrics file: per component task its scores; the record: the components' identities, in order
+    assert json.loads(path.read_text())["components"] == {
+        "seg": {"val_score": 0.41, "test_score": 0.39}, "depth": {"val_score": 1.1, "test_score": 1.2}}
+    assert [e["task"] for e in json.loads(run.read_text())["components"]] == ["seg", "depth"]
+    assert "test_score" not in json.loads(run.read_text())["components"][0]
 
-    seg = read_result(path, task="mt", backbone=VIT, seed=0, metric="miou", mode="full", component="seg")
+    seg = read_result(path, run, task="mt", backbone=VIT, seed=0, metric="miou", mode="full", component="seg")
     assert (seg.task, seg.component, seg.evaluation, seg.metric) == ("mt", "seg", "mt/seg", "miou")
     assert (seg.val_score, seg.test_score) == (0.41, 0.39)
     assert seg.raw == record and seg.trivial_baseline is None
-    whole = read_result(path, metric="loss")  # the multitask model itself (what the registry reads)
+    whole = read_result(path, run, metric="loss")  # the multitask model itself (what the registry reads)
     assert (whole.component, whole.evaluation, whole.val_score) == (None, "mt", 0.7)
     assert whole.test_score == pytest.approx(0.8)
 
     specs = {"mt/depth": EvaluationSpec("mt", "full", "rmse", (0,), backbones=(VIT,), component="depth")}
-    (depth,) = read_study_results(tmp_path, evaluations=specs, backbones={RESNET: "convnet", VIT: "transformer"})
+    (depth,) = read_study_results(metrics_dir, evaluations=specs, backbones={RESNET: "convnet", VIT: "transformer"})
     assert (depth.backbone, depth.evaluation, depth.test_score) == (VIT, "mt/depth", 1.2)
 
     with pytest.raises(ResultsError, match=r"seed0.json: key 'components\[0\].metric' is 'miou' but 'iou' was"):
-        read_result(path, metric="iou", component="seg")
+        read_result(path, run, metric="iou", component="seg")
     with pytest.raises(ResultsError, match=r"seed0.json: key 'components' has no entry for task 'normals'"):
-        read_result(path, component="normals")
-    del record["components"][1]["test_score"]
-    path.write_text(json.dumps(record))
+        read_result(path, run, component="normals")
+    edit_json(path, lambda metrics: metrics["components"]["depth"].pop("test_score"))
     with pytest.raises(ResultsError, match=r"seed0.json: missing required key 'components\[1\].test_score'"):
-        read_result(path, component="depth")
-    record["components"][0]["val_score"] = "0.4"
-    path.write_text(json.dumps(record))
+        read_result(path, run, component="depth")
+    edit_json(path, lambda metrics: metrics["components"]["seg"].update(val_score="0.4"))
     with pytest.raises(ResultsError, match=r"seed0.json: key 'components\[0\].val_score' must be int or float"):
-        read_result(path, component="seg")
-    del record["components"]
-    path.write_text(json.dumps(record))
+        read_result(path, run, component="seg")
+    # a record that does not list the components the metrics file scores
+    edit_json(run, lambda raw: raw.pop("components"))
+    with pytest.raises(ResultsError, match=r"seed0.json: key 'components' must be an object .* its record "
+                                           rf"{re.escape(str(run))} must list the components"):
+        read_result(path, run, component="seg")
+    edit_json(path, lambda metrics: metrics.pop("components"))
     with pytest.raises(ResultsError, match=r"seed0.json: missing required key 'components'"):
-        read_result(path, component="seg")
+        read_result(path, run, component="seg")
 
 
 def test_a_component_with_its_own_trivial_baseline_carries_it_into_the_table():
@@ -203,15 +213,11 @@ def _write_study(root: Path, **params) -> Path:
         metric = "accuracy" if task == "cls" else "mae"
         for backbone, values in per_backbone.items():
             for seed, value in enumerate(values):
-                path = metrics_dir / task / backbone / "full" / f"seed{seed}.json"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(metrics_record(task, backbone, seed, metric, value)))
+                write_result(metrics_dir, metrics_record(task, backbone, seed, metric, value))
     for backbone, runs in MULTI.items():
         for seed, (cls, age, routing) in enumerate(runs):
-            path = metrics_dir / "mt" / backbone / "full" / f"seed{seed}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
             entries = [_component("cls", "accuracy", cls), _component("age", "mae", age, higher=False)]
-            path.write_text(json.dumps(multitask_record("mt", backbone, seed, entries, test_routing_accuracy=routing)))
+            write_result(metrics_dir, multitask_record("mt", backbone, seed, entries, test_routing_accuracy=routing))
     return write_params(root, tasks={"cls": "accuracy", "age": "mae"}, backbones=[RESNET, CONVNEXT, VIT, VIT2],
                         seeds=[0, 1], task_backbones={"age": [RESNET, CONVNEXT, VIT2], "mt": [RESNET, VIT]},
                         multitask={"mt": ["cls", "age"]}, **params)
@@ -247,6 +253,7 @@ def test_compare_ranks_components_and_writes_the_multi_task_table(tmp_path, monk
     assert main(["--params", str(params), "compare"]) == 0
     reports = tmp_path / "reports"
     table = json.loads((reports / "rank_table.json").read_text())
+    assert assert_ranks_file(params)["average_rank"]["families"] == {"convnet": 1.5, "transformer": 2.75}
     tasks = table["tasks"]
     assert list(tasks) == ["cls", "age", "mt/cls", "mt/age"]
     assert tasks["mt/age"]["group"] == "multi-task" and tasks["mt/age"]["higher_is_better"] is False
@@ -309,10 +316,8 @@ def test_compare_ranks_components_and_writes_the_multi_task_table(tmp_path, monk
     assert "| not checked | mt/age | (no family) | trivial | no trivial baseline |" in out
     # vit's multitask age MAE falls to 2.0 on both seeds: it now beats resnet's 3.25 on mt/age
     for seed in (0, 1):
-        path = tmp_path / "metrics" / "mt" / VIT / "full" / f"seed{seed}.json"
-        record = json.loads(path.read_text())
-        record["components"][1]["test_score"] = 2.0
-        path.write_text(json.dumps(record))
+        edit_result(tmp_path / "metrics", "mt", VIT, seed, edit=lambda result: result["components"][1].update(
+            test_score=2.0))
     capsys.readouterr()
     assert main(["--params", str(params), "compare", "--baseline"]) == 1
     rank_rows = [line for line in capsys.readouterr().out.splitlines() if "| rank |" in line]

@@ -8,7 +8,6 @@ as in test_model_registry.py, with designed val losses.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow
@@ -16,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from study_files import log_served_classifier, multitask_record
+from transferbench.engine.run_files import write_result
 from transferbench.engine.tasks import MetricSpec
 from transferbench.evaluation.registry import register_study
 from transferbench.evaluation.results import EvaluationSpec, read_study_results
@@ -48,10 +48,8 @@ def logged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
              "val_score": VAL_MIOU[backbone, seed], "test_score": VAL_MIOU[backbone, seed] - 0.02},
             {"task": "cls", "kind": "classification", "metric": "accuracy", "higher_is_better": True,
              "val_score": 0.9, "test_score": 0.85}]
-        path = tmp_path / "metrics" / TASK / backbone / "full" / f"seed{seed}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(multitask_record(TASK, backbone, seed, components, val_loss=val_loss,
-                                                    run_id=run.info.run_id, test_routing_accuracy=1.0)))
+        write_result(tmp_path / "metrics", multitask_record(TASK, backbone, seed, components, val_loss=val_loss,
+                                                            run_id=run.info.run_id, test_routing_accuracy=1.0))
     yield tmp_path, MlflowClient(tracking_uri=uri, registry_uri=uri)
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)

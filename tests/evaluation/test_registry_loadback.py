@@ -10,7 +10,6 @@ path: it must reproduce the test metrics the run recorded.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import yaml
 
 from engine.conftest import toy_params, toy_splits  # noqa: F401
 from transferbench.config import Settings, build
+from transferbench.engine.run_files import read_run
 from transferbench.evaluation.scoring import score_split
 from transferbench.stages.finetune import run_finetune
 
@@ -59,8 +59,7 @@ def test_champion_loads_back_and_reproduces_its_recorded_test_metrics(toy_splits
         versions = client.search_model_versions(f"name = '{name}'")
         assert len(versions) == len(BACKBONES) and {v.tags["mode"] for v in versions} == {mode}
         champion = client.get_model_version_by_alias(name, "champion")
-        recorded = json.loads((tmp_path / "metrics" / "toy" / champion.tags["backbone"] / mode / "seed0.json")
-                              .read_text())
+        recorded = read_run(tmp_path / "metrics", "toy", champion.tags["backbone"], 0, mode)
         assert champion.run_id == recorded["mlflow_run_id"] and recorded["mode"] == mode
 
         # the registered (served, safe) model: its module rebuilt from safetensors + transferbench's code

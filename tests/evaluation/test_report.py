@@ -16,8 +16,9 @@ import mlflow
 import pandas as pd
 import pytest
 
-from study_files import metrics_record, write_params
+from study_files import assert_ranks_file, metrics_record, write_params
 from transferbench.config import load_settings
+from transferbench.engine.run_files import read_run, write_result
 from transferbench.engine.tracking import RunRegistry
 from transferbench.stages import compare, report
 
@@ -84,10 +85,10 @@ def small_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                 csv.parent.mkdir(exist_ok=True)
                 predictions(score).to_csv(csv, index=False)
                 registry.client.log_artifact(run_id, str(csv), "predictions")
-                path = tmp_path / "metrics" / task / backbone / "full" / f"seed{seed}.json"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(metrics_record(task, backbone, seed, "accuracy", score, run_id=run_id)))
+                write_result(tmp_path / "metrics", metrics_record(task, backbone, seed, "accuracy", score,
+                                                                  run_id=run_id))
     compare.run(settings)
+    assert assert_ranks_file(params)["n_evaluations"] == len(SCORES)
     return params
 
 
@@ -148,7 +149,7 @@ def test_the_report_names_the_random_init_backbones(small_study: Path) -> None:
 
 
 def test_a_run_without_predictions_leaves_its_evaluation_untested_and_named(small_study: Path) -> None:
-    run_id = json.loads((small_study.parent / "metrics/third/test_resnet/full/seed1.json").read_text())["mlflow_run_id"]
+    run_id = read_run(small_study.parent / "metrics", "third", "test_resnet", 1)["mlflow_run_id"]
     (artifact,) = small_study.parent.glob(f"artifacts/**/{run_id}/artifacts/predictions/test_predictions.csv")
     artifact.unlink()
     result = report.run(load_settings(small_study))

@@ -25,7 +25,7 @@ from transferbench.engine.checkpoints import latest_checkpoint
 from transferbench.engine.tasks import MetricSpec
 from transferbench.evaluation.ranking import rank_table
 from transferbench.evaluation.reports import rank_table_markdown
-from transferbench.evaluation.results import read_result
+from transferbench.evaluation.results import read_result, record_path, result_path
 from transferbench.models.weights import CheckpointMismatchError, WeightsImportError, add_weights, set_weights
 from transferbench.stages.finetune import run_finetune
 
@@ -195,7 +195,9 @@ def test_a_fine_tune_loads_the_imported_file_and_says_so(repo, monkeypatch):
     tags = mlflow.MlflowClient(settings.tracking.tracking_uri).get_run(result["mlflow_run_id"]).data.tags
     assert (tags["weights"], tags["weights_label"], tags["random_init"]) == \
         ("file:models/test_vit.safetensors", "file-pretrained", "false")
-    table = rank_table([read_result(repo / "metrics" / "toy" / "test_vit" / "linear_probe" / "seed0.json")],
+    metrics_file = result_path(repo / "metrics", "toy", "test_vit", 0, "linear_probe")
+    assert metrics_file == repo / "metrics" / "toy" / "test_vit" / "linear_probe" / "seed0.json"
+    table = rank_table([read_result(metrics_file, record_path(repo / "metrics", metrics_file))],
                        study="toy-study", task_metrics={"toy:linear_probe": MetricSpec("balanced_accuracy")},
                        backbones={"test_vit": settings.backbone("test_vit")})
     markdown = rank_table_markdown(table)

@@ -26,6 +26,7 @@ def sensitivity_params(root: Path, data: Path, **sensitivity: Any) -> dict:
         "sampler": "qmc", "seed": 0, "storage": f"sqlite:///{root / 'optuna.db'}",
         "pruner": {"kind": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
         "heartbeat_interval": 2, "grace_period": 10, "reports_dir": str(root / "reports"),
+        "metrics_dir": str(root / "sensitivity-metrics"),
         "space": {"lr": {"low": 1e-6, "high": 1e-1, "log": True}, "warmup_iters": {"low": 0, "high": 12},
                   "warmup_lr": {"low": 1e-8, "high": 1e-4, "log": True}},
         **sensitivity,

@@ -80,6 +80,17 @@ def test_study_completes_with_pruning_importances_plots_and_mlflow_runs(tmp_path
     assert set(stability["rank_flips"]) == {"test_resnet", "test_vit"}
     for name in ("summary.json", "best_params.json", "lr_curve.png", "warmup_curve.png", "importances.png"):
         assert (tmp_path / "reports" / "toy" / name).stat().st_size > 0
+    # what `dvc metrics show` prints of the task: numbers only, the fixed choice's score per backbone
+    numbers = json.loads((tmp_path / "sensitivity-metrics" / "toy.json").read_text())
+    assert report["files"]["metrics"] == tmp_path / "sensitivity-metrics" / "toy.json"
+    assert numbers["fixed_score"] == summary["fixed_score"] and set(numbers["fixed_score"]) == {"test_resnet",
+                                                                                               "test_vit"}
+    assert numbers["best_score"] == {b: v["best"] for b, v in summary["spread"].items()}
+    assert numbers["median_score"] == {b: v["median"] for b, v in summary["spread"].items()}
+    assert numbers["flip_fraction"] == stability["flip_fraction"]
+    for value in [numbers["flip_fraction"], *(v for k in ("fixed_score", "best_score", "median_score")
+                                              for v in numbers[k].values())]:
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), numbers
     best = json.loads((tmp_path / "reports" / "toy" / "best_params.json").read_text())
     assert "++finetune.hyperparameters=tuned" in best["command"] and set(best["backbones"]) <= {"test_resnet",
                                                                                                 "test_vit"}

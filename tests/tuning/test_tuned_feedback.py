@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow
 import pytest
 
+from transferbench.engine.run_files import read_run
 from transferbench.stages.finetune import run_finetune
 
 from .conftest import toy_settings
@@ -25,7 +25,7 @@ def test_tuned_hyperparameters_are_used_and_tagged(toy_splits: Path, tmp_path: P
                   "system_metrics": False, "log_model": False})
     result = run_finetune(settings, task="toy", backbone="test_resnet", seed=0, metrics_dir=tmp_path / "m",
                           plots_dir=tmp_path / "p")
-    written = json.loads((tmp_path / "m" / "toy" / "test_resnet" / "full" / "seed0.json").read_text())
+    written = read_run(tmp_path / "m", "toy", "test_resnet", 0)
     assert written["hyperparameters"] == "tuned"
     assert (written["lr"], written["warmup_iters"], written["warmup_lr"]) == (3.0e-3, 0, 2.0e-7)
     client = mlflow.MlflowClient(settings.tracking.tracking_uri)

@@ -14,6 +14,16 @@ from pathlib import Path
 from transferbench.atomic import atomic_path
 
 
+def curve_path(plots_dir: str | Path, task: str, backbone: str, seed: int, mode: str, weights_label: str) -> Path:
+    """A run's learning curve; its name says the seed and the weights (``curve_seed`` reads the seed back)."""
+    return Path(plots_dir) / task / backbone / mode / f"seed{seed}-{weights_label}.csv"
+
+
+def curve_seed(path: str | Path) -> int:
+    """The seed of a learning curve's file (``curve_path``)."""
+    return int(Path(path).stem.removeprefix("seed").split("-", 1)[0])
+
+
 def curve_columns(statistic: str) -> tuple[str, ...]:
     return ("epoch", "step", "train_loss", "val_loss", f"train_{statistic}", f"val_{statistic}", "lr")
 

@@ -3,23 +3,26 @@
 Outputs, read by ``dvc metrics show`` / ``dvc plots show`` and by the rank table
 (``transferbench.evaluation.results``); the key names are stable:
 
-``metrics/finetune/<task>/<backbone>/<mode>/seed<S>.json`` -- one flat object:
+``metrics/finetune/<task>/<backbone>/<mode>/seed<S>.json`` -- the run's numbers (``engine.run_files``):
+  selection   val_score, test_score (tasks.<task>.metric on val/test); baseline_score: the task kind's
+              trivial baseline on test (e.g. predicting the training mean), null where the kind has none
+  metrics     val_<m> and test_<m> for every metric m of the task kind (null where undefined),
+              computed with the best epoch's weights
+  training    best_epoch, epochs_run, best_val_loss, train_seconds
+``metrics/finetune.runs/<task>/<backbone>/<mode>/seed<S>.json`` -- the run's record, who and what made them:
   identity    task, task_kind, backbone, model (timm name), family, weights (hub |
               file:<path> | none), weights_label (hub-pretrained | file-pretrained | random-init),
               random_init (bool), seed, study, mode (full | linear_probe), img_size, num_workers,
               hyperparameters (paper | tuned) and the lr, warmup_iters, warmup_lr actually used
-  selection   metric (tasks.<task>.metric), val_score, test_score (that metric on val/test);
-              baseline_score, baseline: the task kind's trivial baseline on test (e.g. predicting the
-              training mean), null where the kind has none
-  metrics     val_<m> and test_<m> for every metric m of the task kind (null where undefined),
-              computed with the best epoch's weights
-  training    best_epoch, epochs_run, best_val_loss, stop_reason (early_stop | max_epochs | hook),
-              resumed_at_epochs (non-empty when the run recovered from a checkpoint), world_size and
-              ray_nodes, device, precision, channels_last and threads as rank 0 trained, train_seconds
+  selection   metric (tasks.<task>.metric); baseline (what the trivial baseline is)
+  training    stop_reason (early_stop | max_epochs | hook), resumed_at_epochs (non-empty when the run
+              recovered from a checkpoint), world_size and ray_nodes, device, precision, channels_last
+              and threads as rank 0 trained
   provenance  mlflow_run_id, mlflow_parent_run_id, data_version (hash of the split manifests),
               git_commit, ray_run_name
-``plots/finetune/<task>/<backbone>/<mode>/seed<S>.csv`` -- per epoch: epoch, train_loss, val_loss, the
-  kind's training statistic on train and val (train_accuracy, val_accuracy), lr.
+``plots/finetune/<task>/<backbone>/<mode>/seed<S>-<weights_label>.csv`` -- per epoch: epoch, train_loss,
+  val_loss, the kind's training statistic on train and val (train_accuracy, val_accuracy), lr. The name is
+  ``dvc plots show``'s title of the curve: task, backbone, mode, seed and whether the backbone was random-init.
 
 A run killed part-way (worker or whole process) is resumed by running the same command: the Ray
 run name is derived from the run's full configuration, and its MLflow run id is persisted next
@@ -40,9 +43,10 @@ from typing import Any
 
 from transferbench.atomic import write_text
 from transferbench.config import BackboneSettings, FinetuneSettings, RaySettings, TaskSettings, TrackingSettings
-from transferbench.engine.curves import write_curve_csv
+from transferbench.engine.curves import curve_path, write_curve_csv
 from transferbench.engine.inputs import TaskInputs
 from transferbench.engine.ray_driver import fit_on_ray
+from transferbench.engine.run_files import write_result
 from transferbench.engine.spec import FINAL_FILE, HARDWARE_KEYS, WorkerSpec
 from transferbench.engine.tasks import MetricSpec
 from transferbench.engine.tracking import RunRegistry
@@ -67,14 +71,6 @@ class Job:
     protocol: FinetuneSettings
     ray: RaySettings
     tracking: TrackingSettings
-
-
-def metrics_path(metrics_dir: str | Path, task: str, backbone: str, seed: int, mode: str = "full") -> Path:
-    return Path(metrics_dir) / task / backbone / mode / f"seed{seed}.json"
-
-
-def curve_path(plots_dir: str | Path, task: str, backbone: str, seed: int, mode: str = "full") -> Path:
-    return Path(plots_dir) / task / backbone / mode / f"seed{seed}.csv"
 
 
 def run_seed(job: Job, inputs: TaskInputs, registry: RunRegistry, *, seed: int, metrics_dir: str | Path,
@@ -174,9 +170,9 @@ def run_seed(job: Job, inputs: TaskInputs, registry: RunRegistry, *, seed: int, 
 
 def _write_outputs(result: dict[str, Any], history: list[dict[str, float]], metrics_dir: str | Path,
                    plots_dir: str | Path, *, statistic: str) -> None:
-    where = result["task"], result["backbone"], result["seed"], result["mode"]
-    write_text(metrics_path(metrics_dir, *where), json.dumps(result, indent=2) + "\n")
-    write_curve_csv(history, curve_path(plots_dir, *where), statistic=statistic)
+    write_result(metrics_dir, result)
+    write_curve_csv(history, curve_path(plots_dir, result["task"], result["backbone"], result["seed"], result["mode"],
+                                        result["weights_label"]), statistic=statistic)
 
 
 def _cached_targets(inputs: TaskInputs, split: str) -> Any:

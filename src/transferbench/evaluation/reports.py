@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -361,6 +362,16 @@ def plot_cd_diagram(table: dict[str, Any], path: Path) -> None:
 
 REPORT_FILES = {"markdown": "rank_table.md", "csv": "rank_table.csv", "json": "rank_table.json",
                 "heatmap": "rank_heatmap.png", "cd_diagram": "rank_cd_diagram.png"}
+
+
+def rank_metrics(table: Mapping[str, Any]) -> dict[str, Any]:
+    """The rank table's numbers for ``dvc metrics show`` / ``diff``: per family and backbone the average rank (1 =
+    best), the number of evaluations, and the Friedman test's p-value (null where it does not apply)."""
+    significance = table["significance"]
+    return {"average_rank": {"families": {f: v["average_rank"] for f, v in table["families"].items()},
+                             "backbones": {b: v["average_rank"] for b, v in table["backbones"].items()}},
+            "n_evaluations": len(table["tasks"]),
+            "friedman_p_value": significance.get("p_value") if significance.get("applies") else None}
 
 
 def write_rank_reports(table: dict[str, Any], reports_dir: str | Path) -> dict[str, Path]:

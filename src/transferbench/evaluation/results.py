@@ -5,17 +5,19 @@ full fine-tuning (``covid_geo``) and for retrieval, ``<task>:linear_probe`` for 
 and ``<multitask task>/<component>`` for one component of a multi-task model (PROTOCOL.md,
 "Multi-task"): a multi-task run's file yields one result per component, scored by that component.
 
-The finetune stage writes ``<metrics_dir>/<task>/<backbone>/<mode>/seed<S>.json`` and the retrieve
-stage ``<metrics_dir>/<task>/<backbone>/frozen.json`` (deterministic: no seeds, seed 0 in the file,
-no validation split): a flat object with ``task``, ``mode``,
-``backbone``, ``family``, ``weights``, ``seed``, ``mlflow_run_id``, ``metric`` (the
-selection metric named in ``params.yaml`` ``tasks.<task>.metric``) and ``val_<m>`` / ``test_<m>``
-for each metric, plus optional provenance (``model``, ``random_init``, ``data_version``,
-``git_commit``, ``best_epoch``, ...). A multitask run's file (``metric`` = ``loss``, mode ``full``)
-also lists ``components``: per component task, in ``tasks.<task>.components`` order, its ``task``,
-selection ``metric``, ``val_score`` and ``test_score`` (and optionally a trivial ``baseline`` /
-``baseline_score``), beside flat ``val_<component>.<m>`` / ``test_<component>.<m>`` keys and, when the
-model routes images between heads, ``val_routing_accuracy`` / ``test_routing_accuracy``.
+Each run leaves two files with the same relative path: its *metrics*
+``<metrics_dir>/<task>/<backbone>/<mode>/seed<S>.json`` (retrieval: ``<task>/<backbone>/frozen.json``,
+deterministic: no seeds, seed 0) and its *record* ``<metrics_dir>.runs/...`` (``records_dir``). The metrics file
+holds only the run's numbers, what ``dvc metrics show`` / ``dvc metrics diff`` print (``METRIC_KEYS`` and the
+numeric ``val_<m>`` / ``test_<m>`` for each metric; a multitask run's per-component ``val_score`` / ``test_score``
+/ ``baseline_score`` under ``components.<task>``). The record holds who and what made them: ``task``, ``mode``,
+``backbone``, ``family``, ``weights``, ``seed``, ``mlflow_run_id``, ``metric`` (the selection metric named in
+``params.yaml`` ``tasks.<task>.metric``) and provenance (``model``, ``random_init``, ``data_version``,
+``git_commit``, ``ray_run_name``, hyperparameters, ...); a multitask run's lists ``components``: per component
+task, in ``tasks.<task>.components`` order, its ``task``, ``kind`` and selection ``metric``. ``write_result``
+splits one run's result into the two files (``split_result``); the readers merge them back (``load_result``),
+so a ``FinetuneResult.raw`` is the whole result: flat ``val_<component>.<m>`` / ``test_<component>.<m>`` keys and,
+when a multitask model routes images between heads, ``val_routing_accuracy`` / ``test_routing_accuracy``.
 
 A missing or wrong key fails naming the file and the key: ranking stale or partial results
 silently would defeat the point of the study.
@@ -23,18 +25,18 @@ silently would defeat the point of the study.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from transferbench.errors import TransferbenchError
-
-
-class ResultsError(TransferbenchError):
-    """A missing or malformed fine-tuning metrics file (names the file and key)."""
+from transferbench.engine.run_files import (
+    ResultsError,
+    load_result,
+    record_path,
+    result_path,
+)
 
 
 @dataclass(frozen=True)
@@ -120,12 +122,6 @@ class EvaluationSpec:
     component: str | None = None
 
 
-def result_path(metrics_dir: str | Path, task: str, backbone: str, seed: int, mode: str = "full") -> Path:
-    if mode == "frozen":
-        return Path(metrics_dir) / task / backbone / "frozen.json"
-    return Path(metrics_dir) / task / backbone / mode / f"seed{seed}.json"
-
-
 def _require(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], path: Path, where: str = "") -> Any:
     """``raw[key]`` of type ``kind``; ``where`` prefixes the key in messages (``components[0].``)."""
     if key not in raw:
@@ -157,23 +153,17 @@ def _component_entry(raw: Mapping[str, Any], component: str, path: Path) -> tupl
                        f"stale results? re-run the finetune stage)")
 
 
-def read_result(path: str | Path, *, task: str | None = None, backbone: str | None = None,
+def read_result(path: str | Path, record: str | Path, *, task: str | None = None, backbone: str | None = None,
                 seed: int | None = None, metric: str | None = None, mode: str | None = None,
                 component: str | None = None) -> FinetuneResult:
-    """Read one metrics JSON; the keyword arguments are what the file must say (from its path/params).
+    """Read one run's metrics file ``path`` and its ``record``; the keyword arguments are what they must say (from
+    their path/params). Messages name the metrics file.
 
     With ``component``, the file is a multitask run's and the result scores that component: its
     ``components`` entry gives the metric (checked against ``metric``) and the val/test scores.
     """
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ResultsError(f"{path}: metrics file not found (has the finetune stage run?)") from None
-    except json.JSONDecodeError as exc:
-        raise ResultsError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(raw, Mapping):
-        raise ResultsError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw = load_result(path, record)
     result = FinetuneResult(
         path=path,
         task=_require(raw, "task", str, path),
@@ -218,9 +208,9 @@ def read_study_results(metrics_dir: str | Path, *, evaluations: Mapping[str, Eva
         for backbone in spec.backbones if spec.backbones is not None else backbones:
             family = backbones[backbone]
             for seed in spec.seeds:
-                result = read_result(result_path(metrics_dir, spec.task, backbone, seed, spec.mode), task=spec.task,
-                                     backbone=backbone, seed=seed, metric=spec.metric, mode=spec.mode,
-                                     component=spec.component)
+                path = result_path(metrics_dir, spec.task, backbone, seed, spec.mode)
+                result = read_result(path, record_path(metrics_dir, path), task=spec.task, backbone=backbone,
+                                     seed=seed, metric=spec.metric, mode=spec.mode, component=spec.component)
                 if result.family != family:
                     raise ResultsError(f"{result.path}: key 'family' is {result.family!r} but the backbone "
                                        f"catalogue in params.yaml says {family!r}")

@@ -3,7 +3,8 @@
 Per evaluation (a task in one mode, or a multi-task model's component) each backbone that ran it:
 mean ± std over seeds and its rank; per-family average ranks, the paper's task groups, the gain from
 full fine-tuning, the multi-task table and the Friedman/Nemenyi analysis ->
-``<data.reports_dir>/rank_table.{md,csv,json}`` and figures. With a baseline, the new
+``<data.reports_dir>/rank_table.{md,csv,json}`` and figures, and the numbers ``dvc metrics`` shows
+(``compare.ranks_file``: average ranks, Friedman p). With a baseline, the new
 table is compared with it and the learning floors are checked (``evaluation.drift``).
 """
 
@@ -12,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from transferbench.atomic import write_json
 from transferbench.config import Settings
 from transferbench.evaluation import drift
 from transferbench.evaluation.ranking import rank_table
-from transferbench.evaluation.reports import write_rank_reports
+from transferbench.evaluation.reports import rank_metrics, write_rank_reports
 from transferbench.evaluation.study import evaluation_group, evaluations, study_results, task_metrics
 
 
@@ -36,6 +38,8 @@ def run(settings: Settings, *, baseline: str | Path | None = None) -> Comparison
                        groups={e: evaluation_group(settings, spec) for e, spec in specs.items()},
                        evaluation_backbones={e: spec.backbones for e, spec in specs.items()})
     paths = write_rank_reports(table, Path(settings.data.reports_dir))
+    paths["metrics"] = Path(settings.compare.ranks_file)
+    write_json(paths["metrics"], rank_metrics(table))
     if previous is None:
         return Comparison(paths)
     tolerance = settings.compare.metric_tolerance

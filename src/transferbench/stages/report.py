@@ -26,6 +26,7 @@ from mlflow.exceptions import MlflowException
 
 from transferbench.atomic import write_text
 from transferbench.config import Settings
+from transferbench.engine.curves import curve_seed
 from transferbench.engine.tracking import RunRegistry, experiment_ui_url, repo_path
 from transferbench.evaluation import html_report
 from transferbench.evaluation.answer import AnswerError
@@ -117,7 +118,7 @@ def _curves(settings: Settings, task: str, mode: str) -> dict[tuple[str, int], p
     curves = {}
     for backbone in settings.backbones_of(task):
         for path in sorted((root / backbone / mode).glob("seed*.csv")):
-            curves[(backbone, int(path.stem.removeprefix("seed")))] = pd.read_csv(path)
+            curves[(backbone, curve_seed(path))] = pd.read_csv(path)
     return curves
 
 

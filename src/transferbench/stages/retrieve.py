@@ -12,7 +12,8 @@ the model, its weights, the input geometry, the query mode and every image's byt
 unchanged inputs extracts nothing (DVC already skips an unchanged stage; the cache covers a stage
 rerun for another reason, e.g. a tracking setting).
 
-Outputs: ``<compare.metrics_dir>/<task>/<backbone>/frozen.json`` (the rank table reads it: n = 1),
+Outputs: ``<compare.metrics_dir>/<task>/<backbone>/frozen.json`` (mAP and the random ranking's; the rank table
+reads it: n = 1) and its record in ``<compare.metrics_dir>.runs`` (identity, per-query AP, lineage),
 ``plots/retrieval/<task>/<backbone>.csv`` (the mean precision-recall curve for ``dvc plots``) and one
 MLflow run (params, mAP and per-query AP, the PR curve and a top-k grid, the feature extractor as a
 model, lineage to the data's hash).
@@ -35,9 +36,9 @@ import torch
 from transferbench.atomic import atomic_path, write_text
 from transferbench.config import Settings
 from transferbench.data.registry import dataset_root, get_dataset
+from transferbench.engine.run_files import write_result
 from transferbench.engine.tracking import MlflowTracker, RunRegistry
 from transferbench.evaluation import retrieval
-from transferbench.evaluation.results import result_path
 from transferbench.models import InputSpec, WeightsSource, create_backbone, effective_img_size
 from transferbench.provenance import git_commit
 
@@ -169,8 +170,7 @@ def run(settings: Settings, *, task: str, backbone: str, plots_dir: str | Path =
         "seconds": round(time.perf_counter() - started, 2), "mlflow_run_id": run_id, "data_version": data_version,
         "feature_cache_key": key, "git_commit": commit,
     }
-    write_text(result_path(settings.compare.metrics_dir, task, backbone, SEED, "frozen"),
-               json.dumps(result, indent=2) + "\n")
+    write_result(settings.compare.metrics_dir, result)
     curve = "\n".join(f"{float(r)!r},{float(p)!r}" for r, p in zip(recall, precision))
     write_text(curve_path(plots_dir, task, backbone), "recall,precision\n" + curve + "\n")
     return result

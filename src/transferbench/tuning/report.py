@@ -17,6 +17,8 @@ Files (``<sensitivity.reports_dir>/<task>/``), also logged to MLflow:
 ``lr_curve.png``, ``warmup_curve.png``: score against lr (log x) / warm-up length, one line per
   backbone, blue shades for ConvNets, orange shades for Transformers, a star at the fixed choice.
 ``importances.png``: fANOVA and PED-ANOVA per backbone and per family.
+
+``<sensitivity.metrics_dir>/<task>.json``: what ``dvc metrics show`` prints of the task (``sensitivity_metrics``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from transferbench.atomic import write_json
 from transferbench.config import TUNED_PARAMETERS, Settings
 from transferbench.errors import TransferbenchError
 from transferbench.engine.tracking import RunRegistry
@@ -129,6 +132,16 @@ def feedback_command(best: Mapping[str, Mapping[str, Any]]) -> str:
     return "dvc exp run " + " ".join(sets) + " -S '++finetune.hyperparameters=tuned'"
 
 
+def sensitivity_metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """A task report's numbers for ``dvc metrics show`` / ``diff``: per backbone the fixed protocol choice's score and
+    the best and median trial's, and the fraction of configurations under which the family ranking flips."""
+    spread = summary["spread"]
+    return {"fixed_score": dict(summary["fixed_score"]),
+            "best_score": {b: v["best"] for b, v in spread.items()},
+            "median_score": {b: v["median"] for b, v in spread.items()},
+            "flip_fraction": summary["rank_stability"].get("flip_fraction")}
+
+
 def task_report(settings: Settings, *, task: str, backbones: Sequence[str] | None = None) -> dict[str, Any]:
     """Aggregate every backbone's study of ``task``: summary.json, best_params.json, plots, MLflow."""
     backbones = list(backbones or settings.sensitivity.backbones)
@@ -167,6 +180,8 @@ def task_report(settings: Settings, *, task: str, backbones: Sequence[str] | Non
     files["summary"].write_text(json.dumps(summary, indent=2) + "\n")
     files["best_params"].write_text(json.dumps({"task": task, "metric": metric, "backbones": best,
                                                 "command": command}, indent=2) + "\n")
+    files["metrics"] = Path(settings.sensitivity.metrics_dir) / f"{task}.json"
+    write_json(files["metrics"], sensitivity_metrics(summary))
     files |= write_figures(studies, families, out, metric=metric, task=task)
     _log_report(settings, task, files)
     return {"summary": summary, "best": best, "command": command, "files": files}
