@@ -364,7 +364,7 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 UI_START_TIMEOUT = 120  # seconds for `mlflow ui` to answer /health (its first start on two cores takes ~15 s)
-UI_STOP_TIMEOUT = 10  # seconds between SIGTERM and SIGKILL to the server's process group
+UI_STOP_TIMEOUT = 10  # seconds between SIGTERM and SIGKILL to the server's process group (stop_group)
 
 
 def _ui_arguments(parser: argparse.ArgumentParser) -> None:
@@ -372,26 +372,6 @@ def _ui_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=5000, help="port to listen on (default: %(default)s)")
     parser.add_argument("--no-browser", dest="browser", action="store_false",
                         help="print the URL only, do not open it in a web browser")
-
-
-def _stop_group(server: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (``mlflow ui``, its uvicorn worker, its job runners), SIGKILL to what
-    outlives ``UI_STOP_TIMEOUT``; returns once none of them runs."""
-    import psutil
-
-    try:  # its members now: once the leader exits, they are no longer its children
-        leader = psutil.Process(server.pid)
-        group = [leader, *leader.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        group = []
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGTERM)
-    _, alive = psutil.wait_procs(group, timeout=UI_STOP_TIMEOUT)
-    for process in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    psutil.wait_procs(alive, timeout=UI_STOP_TIMEOUT)
-    server.wait()
 
 
 def _ui_failure(log: os.PathLike, what: str) -> TransferbenchError:
@@ -414,6 +394,7 @@ def _ui(args: argparse.Namespace) -> int:
     import webbrowser
     from pathlib import Path
 
+    from transferbench.engine.cluster import stop_group
     from transferbench.engine.tracking import experiment_ui_url, repo_path, resolve_tracking_uri
     from transferbench.tuning.storage import redact
 
@@ -481,7 +462,7 @@ def _ui(args: argparse.Namespace) -> int:
         interrupted = True
         raise
     finally:
-        _stop_group(server)
+        stop_group(server, grace=UI_STOP_TIMEOUT)  # `mlflow ui`, its uvicorn worker, its job runners
         if interrupted:
             log.unlink(missing_ok=True)
 
