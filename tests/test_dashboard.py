@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from transferbench.cli import main
+from transferbench.engine.cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSFERBENCH = Path(sys.executable).with_name("transferbench")
@@ -30,16 +30,10 @@ def _params(tmp_path: Path, storage: Path) -> Path:
     return params
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_dashboard_without_a_storage_names_the_missing_file(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
     params = _params(tmp_path, tmp_path / "optuna" / "missing.db")
-    assert main(["--params", str(params), "dashboard", "--port", str(_free_port())]) == 2
+    assert main(["--params", str(params), "dashboard", "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'optuna' / 'missing.db'}: no Optuna storage there yet" in err
     assert not (tmp_path / "optuna" / "missing.db").exists()
@@ -51,7 +45,7 @@ def test_dashboard_serves_the_studies_of_the_sensitivity_storage(tmp_path: Path)
     study = optuna.create_study(study_name="toy-test_resnet-demo", storage=f"sqlite:///{storage}")
     study.optimize(lambda trial: trial.suggest_float("lr", 1e-5, 1e-1, log=True), n_trials=2)
     params = _params(tmp_path, storage)
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "OPTUNA_STORAGE"}
     server = subprocess.Popen([str(TRANSFERBENCH), "--params", str(params), "dashboard", "--port", str(port)],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

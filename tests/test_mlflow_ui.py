@@ -16,7 +16,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import pytest
 import yaml
 
 from browser import TIMEOUT, chromium, console_errors, screenshot
+from transferbench.engine.cluster import free_port
 from transferbench.engine.tracking import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
@@ -47,16 +47,10 @@ MLFLOW_UI_NOISE = (r"/ajax-api/2\.0/mlflow/users/current - Failed to load resour
                    r"ResizeObserver loop completed with undelivered notifications")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def mlflow_ui(store: str, workdir: Path) -> Iterator[str]:
     """``mlflow ui`` on ``store`` (loopback, a free port); yields its URL once it answers, stops it on exit."""
-    port = _free_port()
+    port = free_port()
     log = workdir / "mlflow-ui.log"
     with log.open("w") as out:
         server = subprocess.Popen(

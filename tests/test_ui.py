@@ -17,8 +17,9 @@ import pytest
 import yaml
 
 from browser import chromium, console_errors, screenshot
-from test_mlflow_ui import MLFLOW_UI_NOISE, _close_assistant, _free_port, _until, _visible_text
+from test_mlflow_ui import MLFLOW_UI_NOISE, _close_assistant, _until, _visible_text
 from transferbench.cli import main
+from transferbench.engine.cluster import free_port
 from transferbench.engine.tracking import RunRegistry, experiment_ui_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def _params(tmp_path: Path, store: Path) -> Path:
 def test_ui_without_a_store_names_the_missing_file(tmp_path: Path, capsys) -> None:
     missing = tmp_path / "mlflow" / "missing.db"
     params = _params(tmp_path, missing)
-    assert main(["--params", str(params), "ui", "--port", str(_free_port()), "--no-browser"]) == 2
+    assert main(["--params", str(params), "ui", "--port", str(free_port()), "--no-browser"]) == 2
     assert f"{missing}: no MLflow store there yet" in capsys.readouterr().err
     assert not missing.exists()
 
@@ -52,7 +53,7 @@ def test_ui_serves_the_study_runs_until_sigterm(tmp_path: Path) -> None:
     registry.client.set_terminated(child, "FINISHED")
     registry.study_run("ui-study")
     params = _params(tmp_path, store)
-    port = _free_port()
+    port = free_port()
     ui = f"http://127.0.0.1:{port}"
     log = tmp_path / "ui.err"
     with log.open("w") as err:

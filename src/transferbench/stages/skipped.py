@@ -21,7 +21,8 @@ def write_skipped(settings: Settings, *, task: str, backbone: str, metrics_dir: 
     reason = (f"tasks.{task}.backbones does not list {backbone}; {task} runs on "
               f"{', '.join(settings.backbones_of(task))}")
     root = Path(metrics_dir or settings.compare.metrics_dir)
-    metrics, record, plots = root / task / backbone, records_dir(root) / task / backbone, Path(plots_dir) / task / backbone
+    metrics, record = root / task / backbone, records_dir(root) / task / backbone
+    plots = Path(plots_dir) / task / backbone
     for directory in (metrics, record, plots):
         if directory.exists():
             shutil.rmtree(directory)
